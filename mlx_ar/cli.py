@@ -1,0 +1,52 @@
+"""The `mlx-ar` command line: one click group whose subcommands load lazily.
+
+Each subcommand lives in its own module and is imported only when it runs (or when --help
+lists it), and those modules import mlx, torch, pyarrow and git only inside their functions,
+so `mlx-ar --help` stays fast and works without any backend installed.
+"""
+import importlib
+
+import click
+
+# name -> "module:attribute" of a click.Command
+COMMANDS = {
+    "prepare": "mlx_ar.data.prepare:prepare_command",
+    "train": "mlx_ar.harness.cli:train_command",
+    "bench": "mlx_ar.bench:bench_command",
+    "run": "mlx_ar.ledger.cli:run_command",
+    "noise": "mlx_ar.ledger.cli:noise_command",
+    "results": "mlx_ar.ledger.cli:results_command",
+    "workers": "mlx_ar.ledger.cli:workers_command",
+    "compare": "mlx_ar.compare.cli:compare_command",
+    "transplant": "mlx_ar.compare.cli:transplant_command",
+    "plot": "mlx_ar.compare.cli:plot_command",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(name for name in COMMANDS if self._load(name, quiet=True) is not None)
+
+    def get_command(self, ctx, name):
+        return self._load(name, quiet=False) if name in COMMANDS else None
+
+    @staticmethod
+    def _load(name, quiet):
+        module, attr = COMMANDS[name].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            # A command whose module is not part of this install is simply not offered.
+            if quiet:
+                return None
+            raise
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlx-autoresearch")
+def main():
+    """Autonomous training-recipe research: edit train.py, train 5 minutes, keep what wins."""
+
+
+if __name__ == "__main__":
+    main()

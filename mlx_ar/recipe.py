@@ -1,0 +1,92 @@
+"""The recipe: the UPPER_CASE constants at the top level of train.py.
+
+The recipe is read from source with `ast`, never by importing train.py, so every backend,
+the ledger (config-tier checks) and branch comparison see the same values without loading
+mlx or torch. Values must be Python literals (numbers, strings, tuples, lists, dicts, bools,
+None) so they can be compared, recorded as JSON and transplanted between branches.
+
+    recipe = read_recipe("train.py")            # {"DEPTH": 8, ...}
+    new_src = apply_recipe(src, {"DEPTH": 10})  # rewrites those assignments in place
+"""
+import ast
+from pathlib import Path
+
+
+class RecipeError(ValueError):
+    """train.py's recipe block cannot be read (non-literal value, duplicate name, syntax)."""
+
+
+def _is_recipe_name(name: str) -> bool:
+    return name.isupper() and not name.startswith("_")
+
+
+def _recipe_nodes(source: str, filename: str = "train.py"):
+    try:
+        tree = ast.parse(source, filename=filename)
+    except SyntaxError as e:
+        raise RecipeError(f"{filename}:{e.lineno}: syntax error: {e.msg}") from e
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name, value = node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, value = node.target.id, node.value
+        else:
+            continue
+        if _is_recipe_name(name):
+            yield name, value, node
+
+
+def parse_recipe(source: str, filename: str = "train.py") -> dict:
+    """Top-level UPPER_CASE literal assignments of `source`, in order of appearance."""
+    recipe = {}
+    for name, value, node in _recipe_nodes(source, filename):
+        if name in recipe:
+            raise RecipeError(f"{filename}:{node.lineno}: {name} is assigned twice at top level")
+        try:
+            recipe[name] = ast.literal_eval(value)
+        except ValueError as e:
+            raise RecipeError(
+                f"{filename}:{node.lineno}: {name} must be a literal (number, string, tuple, ...), "
+                f"got `{ast.unparse(value)}`"
+            ) from e
+    return recipe
+
+
+def read_recipe(path) -> dict:
+    path = Path(path)
+    return parse_recipe(path.read_text(), filename=str(path))
+
+
+def apply_recipe(source: str, updates: dict, filename: str = "train.py") -> str:
+    """Return `source` with the named recipe constants set to new literal values.
+
+    Only the value expression is replaced, so comments and alignment on the line survive.
+    Unknown names raise RecipeError (a transplant must not invent constants).
+    """
+    spans = {}
+    for name, value, _node in _recipe_nodes(source, filename):
+        spans[name] = (value.lineno, value.col_offset, value.end_lineno, value.end_col_offset)
+    unknown = sorted(set(updates) - set(spans))
+    if unknown:
+        raise RecipeError(f"{filename} has no recipe constant named {', '.join(unknown)}")
+    lines = source.splitlines(keepends=True)
+    # Replace from the bottom up so earlier spans keep their coordinates.
+    for name in sorted(updates, key=lambda n: spans[n], reverse=True):
+        l0, c0, l1, c1 = spans[name]
+        head = lines[l0 - 1].encode()[:c0].decode()
+        tail = lines[l1 - 1].encode()[c1:].decode()
+        lines[l0 - 1 : l1] = [head + repr(updates[name]) + tail]
+    out = "".join(lines)
+    parse_recipe(out, filename)  # the rewrite must still be a valid recipe
+    return out
+
+
+def recipe_diff(a: dict, b: dict) -> dict:
+    """{name: (a_value, b_value)} for every constant that differs or exists on one side only."""
+    missing = object()
+    out = {}
+    for k in list(a) + [k for k in b if k not in a]:
+        va, vb = a.get(k, missing), b.get(k, missing)
+        if va != vb:
+            out[k] = (None if va is missing else va, None if vb is missing else vb)
+    return out
