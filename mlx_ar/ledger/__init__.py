@@ -1,0 +1,1 @@
+"""The research ledger: results.tsv, receipts, the git ratchet and the keep gate."""

@@ -1,0 +1,70 @@
+"""On-disk formats shared by the ledger (writer) and branch comparison (reader).
+
+An experiment branch `autoresearch/<tag>-<machine>` carries its own ledger, committed by
+bookkeeping commits whose message starts with LEDGER_COMMIT_PREFIX:
+    results.tsv                     one row per attempt, tab-separated, header first
+    receipts/<seq:05d>-<commit7>.json   one JSON receipt per attempt
+Every commit on the branch that is not a ledger commit is a kept experiment.
+"""
+import csv
+import io
+import json
+
+LEDGER_COMMIT_PREFIX = "ledger:"
+RESULTS_FILE = "results.tsv"
+RECEIPTS_DIR = "receipts"
+RECEIPT_SCHEMA = 1
+
+# Upstream's five columns first, so upstream tooling still reads the file.
+RESULTS_COLUMNS = (
+    "commit", "val_bpb", "memory_gb", "status", "description",
+    "tok_per_sec", "num_steps", "backend", "device", "seed", "contract", "receipt",
+)
+STATUSES = ("keep", "discard", "crash", "refused", "suspect")
+
+# Fields every receipt carries (values may be null where they do not apply, e.g. metrics of a crash).
+RECEIPT_FIELDS = (
+    "schema", "seq", "status", "reason", "description",
+    "commit", "parent", "branch", "diff",
+    "recipe", "backend", "device", "machine", "seed", "contract", "smoke",
+    "metrics", "executed_files", "started_at", "finished_at",
+)
+
+
+def sanitize(text: str) -> str:
+    """One line, no tabs: descriptions must not break the TSV."""
+    return " ".join(str(text).replace("\t", " ").split())
+
+
+def format_row(row: dict) -> str:
+    return "\t".join(sanitize("" if row.get(c) is None else row[c]) for c in RESULTS_COLUMNS) + "\n"
+
+
+def header_line() -> str:
+    return "\t".join(RESULTS_COLUMNS) + "\n"
+
+
+def parse_results(text: str) -> list[dict]:
+    """Rows of a results.tsv as dicts (numbers left as strings; '' for missing cells).
+
+    Accepts upstream's five-column files too (extra columns then read as '').
+    """
+    if not text.strip():
+        return []
+    reader = csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
+    header = next(reader)
+    rows = []
+    for cells in reader:
+        if not cells or not any(cells):
+            continue
+        row = {c: "" for c in RESULTS_COLUMNS}
+        row.update(zip(header, cells))
+        rows.append(row)
+    return rows
+
+
+def parse_receipt(text: str) -> dict:
+    data = json.loads(text)
+    if data.get("schema") != RECEIPT_SCHEMA:
+        raise ValueError(f"unknown receipt schema {data.get('schema')!r}")
+    return data
