@@ -19,10 +19,12 @@ never waits for pages) and its buffer cache from the machine's memory, and
 import gc
 
 GIB = 1 << 30
+# Explicit collections after the freeze: rare enough to cost nothing, often enough for slow leaks.
+COLLECT_EVERY = 500
 
 
 class GcControl:
-    def __init__(self, collect_every: int = 500, gc_module=gc):
+    def __init__(self, collect_every: int = COLLECT_EVERY, gc_module=gc):
         if int(collect_every) != collect_every or collect_every < 0:
             raise ValueError(f"collect_every must be a non-negative integer (0 = never), got {collect_every!r}")
         self.collect_every = int(collect_every)

@@ -202,7 +202,12 @@ def file_hashes(paths, root=None) -> dict:
     for p in paths:
         p = Path(p)
         full = Path(root) / p if root is not None and not p.is_absolute() else p
-        name = full.resolve().relative_to(Path(root).resolve()).as_posix() if root is not None else p.as_posix()
+        name = p.as_posix()
+        if root is not None:
+            try:
+                name = full.resolve().relative_to(Path(root).resolve()).as_posix()
+            except ValueError:
+                raise ValueError(f"executed file {full} is outside the repository root {root}") from None
         h = hashlib.sha256()
         try:
             with open(full, "rb") as f:
