@@ -2,14 +2,21 @@
 
 The recipe is read from source with `ast`, never by importing train.py, so every backend,
 the ledger (config-tier checks) and branch comparison see the same values without loading
-mlx or torch. Values must be Python literals (numbers, strings, tuples, lists, dicts, bools,
-None) so they can be compared, recorded as JSON and transplanted between branches.
+mlx or torch. The recipe block is every top-level UPPER_CASE assignment above the first
+import; UPPER_CASE names after it are implementation constants, not recipe. Values must be
+Python literals (numbers, strings, tuples, lists, dicts, bools, None) or arithmetic on number
+literals (`2**19`), so they can be compared, recorded as JSON and transplanted between branches.
 
     recipe = read_recipe("train.py")            # {"DEPTH": 8, ...}
     new_src = apply_recipe(src, {"DEPTH": 10})  # rewrites those assignments in place
 """
 import ast
+import operator
 from pathlib import Path
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
 class RecipeError(ValueError):
@@ -26,6 +33,8 @@ def _recipe_nodes(source: str, filename: str = "train.py"):
     except SyntaxError as e:
         raise RecipeError(f"{filename}:{e.lineno}: syntax error: {e.msg}") from e
     for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            return  # the recipe block ends at the first import
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             name, value = node.targets[0].id, node.value
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
@@ -36,6 +45,23 @@ def _recipe_nodes(source: str, filename: str = "train.py"):
             yield name, value, node
 
 
+def _value(node):
+    """literal_eval plus arithmetic on numbers (2**19, 3 * 524288); anything else is ValueError."""
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _value(node.left), _value(node.right)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (left, right)):
+            raise ValueError("arithmetic on non-numbers")
+        if isinstance(node.op, ast.Pow) and abs(right) > 64:
+            raise ValueError("exponent too large")
+        return _BINOPS[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+        return _UNARY[type(node.op)](_value(node.operand))
+    if isinstance(node, (ast.Tuple, ast.List)):
+        items = [_value(e) for e in node.elts]
+        return tuple(items) if isinstance(node, ast.Tuple) else items
+    return ast.literal_eval(node)
+
+
 def parse_recipe(source: str, filename: str = "train.py") -> dict:
     """Top-level UPPER_CASE literal assignments of `source`, in order of appearance."""
     recipe = {}
@@ -43,10 +69,11 @@ def parse_recipe(source: str, filename: str = "train.py") -> dict:
         if name in recipe:
             raise RecipeError(f"{filename}:{node.lineno}: {name} is assigned twice at top level")
         try:
-            recipe[name] = ast.literal_eval(value)
-        except ValueError as e:
+            recipe[name] = _value(value)
+        except (ValueError, TypeError, SyntaxError) as e:
             raise RecipeError(
-                f"{filename}:{node.lineno}: {name} must be a literal (number, string, tuple, ...), "
+                f"{filename}:{node.lineno}: {name} must be a literal (number, string, tuple, ...) "
+                f"or arithmetic on numbers, "
                 f"got `{ast.unparse(value)}`"
             ) from e
     return recipe

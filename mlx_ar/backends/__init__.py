@@ -1,0 +1,45 @@
+"""Backends: the small interface through which the shared harness drives a device.
+
+A backend owns everything device-specific: building the model and optimizer from the recipe,
+the compiled training step, per-token evaluation losses, synchronization, memory and the
+device's peak FLOP/s. No other module names a device or imports mlx/torch for training.
+
+    backend = get_backend("mlx", train_globals)   # or "cuda"
+    backend.build(recipe, vocab_size, seq_len, seed)
+    handle = backend.step(inputs, targets)        # (n_micro, B, T) int arrays; returns at once
+    loss = backend.loss_value(handle)             # waits for the step, float
+"""
+from typing import Any, Protocol
+
+import numpy as np
+
+BACKENDS = ("mlx", "cuda")
+
+
+class Backend(Protocol):
+    name: str
+    num_params: int                # set by build()
+    flops_per_token: float         # set by build(): training FLOPs per token
+
+    def device_name(self) -> str: ...
+    def peak_flops(self) -> float | None: ...        # dense bf16 FLOP/s, None if unknown
+    def build(self, recipe: dict, vocab_size: int, seq_len: int, seed: int) -> None: ...
+    def set_hyper(self, lr_mult: float, muon_momentum: float, weight_decay: float) -> None: ...
+    def step(self, inputs: np.ndarray, targets: np.ndarray) -> Any: ...
+    def loss_value(self, handle: Any) -> float: ...
+    def eval_loss(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray: ...
+    def sync(self) -> None: ...
+    def peak_memory_mb(self) -> float: ...
+    def executed_files(self) -> list: ...            # source files this run executes (for the record)
+    def versions(self) -> dict: ...
+
+
+def get_backend(name: str, train_globals: dict) -> Backend:
+    """Instantiate a backend; `train_globals` are train.py's module globals (the MLX model lives there)."""
+    if name == "mlx":
+        from .mlx_backend import MLXBackend
+        return MLXBackend(train_globals)
+    if name == "cuda":
+        from .cuda_backend import CudaBackend
+        return CudaBackend(train_globals)
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
