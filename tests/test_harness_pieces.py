@@ -319,6 +319,24 @@ def test_progress_line_format():
                     " | mfu 12.3% | epoch 1 | 263 s left")
 
 
+def test_progress_line_update_every_step_format_sometimes_counts_each_loss_once():
+    by_update, by_format = ProgressLine(), ProgressLine()
+    losses = [5.0, 4.0, 3.5, 3.0, 2.0, 2.5]
+    for i, loss in enumerate(losses, 1):
+        by_update.update(loss)
+        if i % 3 == 0:  # the loop prints every third step
+            last_printed = by_update.format(i, 0.1, loss, 1.0, 0.1, 1.0, None, 10.0, 1)
+        by_format.format(i, 0.1, loss, 1.0, 0.1, 1.0, None, 10.0, 1)
+    reference = ProgressLine()
+    for loss in losses:
+        reference.update(loss)
+    assert by_update.smoothed == pytest.approx(reference.smoothed)
+    assert by_format.smoothed == pytest.approx(reference.smoothed)
+    # the printed line shows the average over all six losses
+    assert f"| loss {reference.smoothed:.4f} |" in last_printed
+    assert reference.smoothed != pytest.approx(2.5)
+
+
 def test_progress_line_unknown_mfu_and_epoch():
     text = ProgressLine().format(1, 0.0, 9.0, 0.0, 2.5, 10.0, None, 300.0, None)
     assert "| mfu ? |" in text and "| epoch ? |" in text and "2500.0 ms" in text

@@ -7,8 +7,9 @@ gives
     step 00042 (12.3%) | loss 3.4568 | lrm 1.00 | 123.4 ms | 531,234 tok/s | mfu 12.3% | epoch 1 | 263 s left
 
 The loss shown is an exponential moving average (beta 0.9) of the losses passed in,
-debiased so the first values are not pulled toward 0. Pass every loss you read; reading the
-loss forces a device sync, so the loop should format only on the steps it prints.
+debiased so the first values are not pulled toward 0. Either call `update(loss)` on every
+step and `format(...)` only on the steps you print (format then does not count that step's
+loss twice), or call `format` on every step and let it fold the loss in itself.
 """
 import math
 
@@ -22,11 +23,13 @@ class ProgressLine:
         self.beta = beta
         self._ema = 0.0
         self._count = 0
+        self._updated_since_format = False
 
     def update(self, loss: float) -> float:
         """Fold one loss into the average and return the debiased average."""
         self._ema = self.beta * self._ema + (1.0 - self.beta) * float(loss)
         self._count += 1
+        self._updated_since_format = True
         return self.smoothed
 
     @property
@@ -37,8 +40,15 @@ class ProgressLine:
 
     def format(self, step: int, progress: float, loss: float, lr_mult: float, step_seconds: float,
                tok_per_sec: float, mfu: float | None, remaining_s: float, epoch: int | None) -> str:
-        """Fold `loss` into the average and return one status line (no newline)."""
-        smoothed = self.update(loss)
+        """One status line (no newline) showing the smoothed loss.
+
+        `loss` is this step's loss; it is folded into the average unless `update()` has been
+        called since the last `format()` (then the caller already folded it in).
+        """
+        if not self._updated_since_format:
+            self.update(loss)
+        self._updated_since_format = False
+        smoothed = self.smoothed
         mfu_text = "?" if mfu is None or not math.isfinite(mfu) else f"{mfu:.1f}%"
         epoch_text = "?" if epoch is None else str(epoch)
         return " | ".join((
