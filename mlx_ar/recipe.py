@@ -62,6 +62,11 @@ def _value(node):
     return ast.literal_eval(node)
 
 
+def parse_value(text: str):
+    """A recipe value from text, by the same rules as the recipe block ('2**19' -> 524288)."""
+    return _value(ast.parse(text.strip(), mode="eval").body)
+
+
 def parse_recipe(source: str, filename: str = "train.py") -> dict:
     """Top-level UPPER_CASE literal assignments of `source`, in order of appearance."""
     recipe = {}

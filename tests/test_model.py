@@ -14,8 +14,8 @@ V, T = 97, 16
 
 
 @pytest.fixture(scope="module")
-def t(tmp_path_factory):
-    return load_train(tmp_path_factory.mktemp("tiny"), TINY)
+def t():
+    return load_train(TINY)
 
 
 def make(t, seed=0):
@@ -133,8 +133,8 @@ def _one_step(t, model, opt, x, y):
     return loss, grads
 
 
-def test_muon_matches_mlx_reference(tmp_path):
-    t = load_train(tmp_path, {**TINY, "WEIGHT_DECAY": 0.0})
+def test_muon_matches_mlx_reference():
+    t = load_train({**TINY, "WEIGHT_DECAY": 0.0})
     # bf16 Newton-Schulz amplifies rounding noise along a low-rank gradient's null space, so the
     # update rule is compared in float32; test_newton_schulz_* covers the iteration itself.
     t.NS_DTYPE = mx.float32
@@ -199,12 +199,12 @@ def test_optimizer_groups(t):
     assert all(k.startswith("blocks.") for k, g in groups.items() if g[0] == "muon")
 
 
-def test_adamw_only_recipe(tmp_path):
-    t = load_train(tmp_path, {**TINY, "OPTIMIZER": "adamw"})
+def test_adamw_only_recipe():
+    t = load_train({**TINY, "OPTIMIZER": "adamw"})
     model = make(t)
     opt = t.build_optimizer(model)
     assert not opt.muon_stacks and opt.groups["blocks.0.attn.c_q.weight"][0] == "adam_wd"
-    t2 = load_train(tmp_path, {**TINY, "OPTIMIZER": "sgd"})
+    t2 = load_train({**TINY, "OPTIMIZER": "sgd"})
     with pytest.raises(ValueError, match="OPTIMIZER"):
         t2.build_optimizer(make(t2))
 

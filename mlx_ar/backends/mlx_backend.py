@@ -53,9 +53,9 @@ class MLXBackend:
     def configure_memory(self) -> None:
         mx = self.mx
         if mx.metal.is_available():
-            total = hardware.total_memory_bytes() or 0
-            limits = memory.metal_memory_limits(total, memory.recommended_working_set(mx))
-            memory.apply_metal_limits(mx, limits)
+            total = hardware.total_memory_bytes()
+            if total:  # unknown machine size: leave MLX's own defaults
+                memory.apply_metal_limits(mx, memory.metal_memory_limits(total, memory.recommended_working_set(mx)))
 
     # --- model ----------------------------------------------------------------------------
     def build(self, recipe: dict, vocab_size: int, seq_len: int, seed: int) -> None:
@@ -121,3 +121,32 @@ class MLXBackend:
 
     def versions(self) -> dict:
         return {"python": sys.version.split()[0], "mlx": self.mx.__version__, "numpy": np.__version__}
+
+    # --- benchmark hooks ------------------------------------------------------------------
+    def time_optimizer(self, repeats: int = 10) -> float:
+        """Median seconds of one compiled optimizer update alone (on stand-in gradients).
+
+        Used by `mlx-ar bench` to report the optimizer's share of a step; it updates the
+        weights, so call it only on a model built for benchmarking.
+        """
+        import time
+
+        from mlx.utils import tree_map
+
+        mx, model, opt = self.mx, self.model, self.optimizer
+        grads = tree_map(lambda p: (1e-3 * mx.random.normal(p.shape)).astype(p.dtype), model.trainable_parameters())
+        mx.eval(grads)
+        state = [model.state, opt.state]
+
+        def update(g):
+            opt.update(model, g)
+            return opt.state["step"]
+
+        update = mx.compile(update, inputs=state, outputs=state)
+        times = []
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            mx.eval(update(grads), state)
+            if i >= 2:  # the first calls compile
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]

@@ -7,6 +7,7 @@ summary block and writes the run record. Every failure (bad data, a NaN loss, an
 Ctrl-C) still prints `FAIL: <reason>` and writes a record with status "fail".
 """
 import argparse
+import math
 import sys
 import time
 import traceback
@@ -143,7 +144,7 @@ def _train_and_evaluate(train_file, train_globals, recipe, args, seed, fields, t
     from .loop import train_loop
     from .memory import GcControl
     from .schedules import Schedule
-    from .summary import budget_label, file_hashes
+    from .summary import FastFail, budget_label, file_hashes
 
     schedule = Schedule.from_recipe(recipe)
     ds = open_dataset(args.data)
@@ -151,6 +152,16 @@ def _train_and_evaluate(train_file, train_globals, recipe, args, seed, fields, t
     budget = float(args.smoke) if args.smoke is not None else float(profile.time_budget)
     if budget <= 0:
         raise ValueError(f"--smoke must be a positive number of seconds, got {args.smoke}")
+    if profile.recipe_overrides:
+        # A reduced profile (demo) shrinks the recipe too; the run says so and records the result.
+        from .trainfile import load_train
+
+        overrides = dict(profile.recipe_overrides)
+        train_globals = vars(load_train(train_file, overrides))
+        recipe = {**recipe, **overrides}
+        fields["recipe"] = recipe
+        print(f"{profile.name} profile: recipe overrides {overrides}", flush=True)
+        schedule = Schedule.from_recipe(recipe)
     contract, contract_parts = ds.contract
     fields.update(dataset=ds.name, profile=profile.name, time_budget=budget, contract=contract,
                   contract_parts=contract_parts)
@@ -192,6 +203,8 @@ def _train_and_evaluate(train_file, train_globals, recipe, args, seed, fields, t
 
     print(f"evaluating {profile.eval_tokens:,} validation tokens ...", flush=True)
     val_bpb = evaluate_bpb(backend.eval_loss, ds)
+    if not math.isfinite(val_bpb):
+        raise FastFail(f"non-finite val_bpb ({val_bpb})")
     backend.sync()
     metrics.update(val_bpb=round(val_bpb, 6), peak_vram_mb=round(backend.peak_memory_mb(), 1),
                    total_seconds=round(time.perf_counter() - t0, 1))

@@ -1,0 +1,106 @@
+"""`mlx-ar bench`: throughput figures for the current recipe and for the data loader.
+
+    mlx-ar bench train                       # tok/s, ms/step, optimizer share, peak memory
+    mlx-ar bench train --set DEPTH=4 --set OPTIMIZER=adamw --steps 30
+    mlx-ar bench loader                      # packed tokens/s from the prepared dataset
+
+`bench train` feeds random tokens at the contract's vocabulary and sequence length, so it
+needs no prepared data and measures the model and optimizer alone.
+"""
+import json
+
+import click
+
+from . import constants
+
+
+@click.group()
+def bench_command():
+    """Print throughput figures (benchmarks, not tests)."""
+
+
+@bench_command.command("train")
+@click.option("--backend", type=click.Choice(["mlx", "cuda"]), default="mlx", show_default=True)
+@click.option("--train-file", type=click.Path(dir_okay=False), default="train.py", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE", help="override a recipe constant (repeatable)")
+@click.option("--profile", type=click.Choice(sorted(constants.PROFILES)), default="real", show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True, help="timed steps after warmup")
+@click.option("--warmup", type=int, default=3, show_default=True, help="untimed steps (compilation)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
+def bench_train(backend, train_file, overrides, profile, steps, warmup, as_json):
+    """Time training steps of the current recipe on random tokens."""
+    from .harness.trainfile import parse_overrides
+
+    figures = run_train_bench(backend, train_file, parse_overrides(overrides), constants.PROFILES[profile],
+                              steps, warmup, echo=None if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(figures))
+
+
+def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup, echo=print, seed=0):
+    import time
+
+    import numpy as np
+
+    from .backends import get_backend
+    from .harness.hardware import mfu_percent
+    from .harness.main import batch_geometry
+    from .harness.trainfile import load_train
+    from .recipe import apply_recipe, parse_recipe
+    from pathlib import Path
+
+    source = Path(train_file).read_text()
+    recipe = parse_recipe(apply_recipe(source, overrides) if overrides else source)
+    module = load_train(train_file, overrides)
+    backend = get_backend(backend_name, vars(module))
+    backend.configure_memory()
+    T, V = profile.max_seq_len, profile.vocab_size
+    rows, n_micro, device_rows = batch_geometry(recipe, T)
+    backend.build(recipe, V, T, seed)
+    rng = np.random.default_rng(seed)
+    batches = [rng.integers(0, V, (2, n_micro, device_rows, T), dtype=np.uint16) for _ in range(2)]
+    backend.set_hyper(1.0, recipe.get("MUON_MOMENTUM", 0.95), 0.0)
+    if echo:
+        echo(f"bench: {backend.name} on {backend.device_name()} | {backend.num_params / 1e6:.2f}M params | "
+             f"{rows * T:,} tokens/step ({n_micro} x {device_rows} x {T}) | vocab {V}")
+    t_compile = time.perf_counter()
+    for i in range(warmup):
+        backend.loss_value(backend.step(*batches[i % 2]))
+    compile_s = time.perf_counter() - t_compile
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        backend.loss_value(backend.step(*batches[i % 2]))
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    opt_s = backend.time_optimizer()
+    tok_s = rows * T / step_s
+    figures = {
+        "backend": backend.name, "device": backend.device_name(), "recipe_overrides": overrides,
+        "num_params_M": round(backend.num_params / 1e6, 2), "tokens_per_step": rows * T,
+        "warmup_seconds": round(compile_s, 2), "ms_per_step": round(step_s * 1e3, 2),
+        "ms_per_step_mean": round(float(np.mean(times)) * 1e3, 2), "tok_per_sec": round(tok_s),
+        "optimizer_ms": round(opt_s * 1e3, 2), "optimizer_share_percent": round(100 * opt_s / step_s, 1),
+        "mfu_percent": mfu_percent(backend.flops_per_token, tok_s, backend.peak_flops()),
+        "peak_memory_mb": round(backend.peak_memory_mb(), 1),
+    }
+    if echo:
+        mfu = "unknown" if figures["mfu_percent"] is None else f"{figures['mfu_percent']:.1f}%"
+        echo(f"warmup {figures['warmup_seconds']} s | {figures['ms_per_step']} ms/step (median of {steps}) | "
+             f"{figures['tok_per_sec']:,} tok/s | mfu {mfu}")
+        echo(f"optimizer {figures['optimizer_ms']} ms = {figures['optimizer_share_percent']}% of a step | "
+             f"peak memory {figures['peak_memory_mb']:,} MB")
+    return figures
+
+
+@bench_command.command("loader")
+@click.option("--data", default=None, help="prepared dataset (default: the one prepared last)")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="rows per batch")
+@click.option("--seconds", type=float, default=5.0, show_default=True)
+def bench_loader_command(data, batch_size, seconds):
+    """Packed tokens/s from the pre-tokenized training shards."""
+    from .data import open_dataset
+    from .data.bench import bench_loader
+
+    ds = open_dataset(data)
+    bench_loader(ds, batch_size, ds.profile.max_seq_len, seconds)
