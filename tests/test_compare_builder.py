@@ -107,8 +107,10 @@ class BranchBuilder:
         self.camp.repo.git.checkout(self.branch)
 
     def run(self, status, val_bpb=None, change=None, add_code="", description="", params=11.5,
-            steps=2500, tok_per_sec=500_000, seed=42, smoke=False, contract=None, parts=None, commit=None):
-        """One attempt. `change` rewrites recipe constants, `add_code` appends source lines."""
+            steps=2500, tok_per_sec=500_000, seed=42, smoke=False, contract=None, parts=None, commit=None,
+            seeds=None):
+        """One attempt. `change` rewrites recipe constants, `add_code` appends source lines;
+        `seeds` = [val_bpb, ...] records several seed runs whose mean is the attempt's val_bpb."""
         repo, root = self.camp.repo, self.camp.root
         self._checkout()
         parent = repo.head.commit.hexsha
@@ -130,6 +132,8 @@ class BranchBuilder:
             parent = repo.commit(commit).parents[0].hexsha if repo.commit(commit).parents else None
         self.seq += 1
         scored = status not in ("crash", "refused")
+        if seeds:
+            val_bpb = sum(seeds) / len(seeds)
         metrics = {
             "val_bpb": val_bpb if scored else None,
             "peak_vram_mb": 10_500.0 if scored else None,
@@ -145,6 +149,11 @@ class BranchBuilder:
             "seed": seed, "contract": contract or self.contract, "smoke": smoke,
             "metrics": metrics, "executed_files": {}, "started_at": "2026-03-05T00:00:00Z",
             "finished_at": "2026-03-05T00:05:00Z",
+            "runs": [
+                {"seed": seed + i, "status": "ok" if scored else "fail", "reason": None,
+                 "metrics": dict(metrics, val_bpb=v if scored else None)}
+                for i, v in enumerate(seeds or [val_bpb])
+            ],
         }
         if (parts or self.parts) is not None:
             receipt["contract_parts"] = parts or self.parts
@@ -158,7 +167,8 @@ class BranchBuilder:
                "memory_gb": "10.3" if scored else "0.0", "status": status,
                "description": description or status, "tok_per_sec": tok_per_sec if scored else "",
                "num_steps": steps if scored else "", "backend": self.backend, "device": self.device,
-               "seed": seed, "contract": contract or self.contract, "receipt": f"{RECEIPTS_DIR}/{name}"}
+               "seed": seed, "contract": contract or self.contract, "receipt": f"{RECEIPTS_DIR}/{name}",
+               "n_runs": len(seeds or [val_bpb]) if scored else 0, "worker": ""}
         with results.open("a") as f:
             f.write(format_row(row))
         repo.git.add(RESULTS_FILE, f"{RECEIPTS_DIR}/{name}")

@@ -148,19 +148,44 @@ def test_text_report_lines(standard):
     assert any(line.strip().startswith("universal") and "MATRIX_LR" in line for line in lines)
 
 
-def test_significance_reruns_average_and_smoke_excluded(tmp_path):
+def test_seed_runs_weight_scores_and_smoke_excluded(tmp_path):
     camp = Campaign(tmp_path / "r")
     b = camp.branch("t-x", machine="x", device="X")
     b.run("keep", 1.10, description="baseline")
-    c = b.run("keep", 1.04, change={"DEPTH": 9}, seed=1)
-    b.run("keep", 1.06, commit=c, seed=2)
-    b.run("keep", 1.05, commit=c, seed=3)
+    # The significance gate re-ran this candidate: one receipt, three seed runs, metrics = mean.
+    c = b.run("keep", change={"DEPTH": 9}, seeds=[1.04, 1.06, 1.05])
+    b.run("keep", 1.02, commit=c, seed=7)  # and a later receipt of the same commit, one run
     b.run("keep", 0.50, change={"DEPTH": 10}, smoke=True)  # a smoke run: never scored
     b.run("discard", 1.01, contract="otherfingerprint")
     (s,) = _report(camp)["branches"]
-    assert s["best_commit"] == c and s["best_bpb"] == pytest.approx(1.05) and s["best_runs"] == 3
+    assert s["best_commit"] == c and s["best_runs"] == 4
+    assert s["best_bpb"] == pytest.approx((3 * 1.05 + 1.02) / 4)
     assert s["experiments"] == 3 and s["smoke_runs"] == 1 and s["other_contract_runs"] == 1
     assert any("smoke" in n for n in s["notes"]) and any("another contract" in n for n in s["notes"])
+
+
+def test_ties_go_to_the_later_keep(tmp_path):
+    camp = Campaign(tmp_path / "r")
+    b = camp.branch("t-x", machine="x")
+    b.run("keep", 1.10, description="baseline")
+    b.run("keep", 1.05, change={"DEPTH": 9})
+    later = b.run("keep", 1.05, change={"EMBED_LR": 0.5})
+    (s,) = _report(camp)["branches"]
+    assert s["best_commit"] == later
+
+
+def test_noise_floor_read_defensively(tmp_path):
+    camp = Campaign(tmp_path / "r")
+    b = camp.branch("t-x", machine="x")
+    b.run("keep", 1.1, description="baseline")
+    repo = camp.repo
+    for noise, floor in (({"floor": 0.003, "samples": [1, 2]}, 0.003),
+                         ({"samples": [1.100, 1.102, 1.104], "objective": "val_bpb"}, 0.002),
+                         ({"samples": [1.1, 1.2], "objective": "peak_vram_mb"}, None),
+                         ({"samples": [1.1]}, None)):
+        b.write_file("noise.json", json.dumps(noise))
+        ledger = read_branch(repo, resolve_branch(repo, "t-x"))
+        assert ledger.noise_floor == (None if floor is None else pytest.approx(floor))
 
 
 def test_conflicting_change_and_unnamed_contract_difference(tmp_path):

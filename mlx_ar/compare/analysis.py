@@ -9,12 +9,13 @@
 Scoring rules (shared by the table, the plot and transplant):
 - only keep/discard runs with a finite val_bpb count; smoke runs and runs under a contract other
   than the branch's (the contract of its latest kept run) are left out and said so in notes;
-- an experiment is one commit; its status is that of its last run; a commit scored more than
-  once (significance re-runs) scores the mean of its runs;
-- the baseline is the first kept commit, the best the kept commit with the lowest score.
+- an experiment is one commit; its status is that of its last attempt; its score is the mean
+  val_bpb of its scored attempts, weighted by their seed runs (a receipt's metrics already
+  average its `runs`);
+- the baseline is the first kept commit, the best the kept commit with the lowest score
+  (ties: the later one, like the ledger's champion).
 """
 import json
-import statistics
 from dataclasses import asdict, dataclass, field
 
 _ABSENT = object()
@@ -108,14 +109,16 @@ def summarize(ledger, recipe_at=lambda commit: None) -> BranchSummary:
 
     scored = [a for a in real if a.scored and same_contract(a)]
     foreign = [a for a in real if a.scored and not same_contract(a)]
-    scores, last = {}, {}
+    scores, last = {}, {}  # commit -> [(val_bpb, n_runs)], its last scored attempt
     for a in scored:
-        scores.setdefault(a.commit, []).append(a.val_bpb)
+        scores.setdefault(a.commit, []).append((a.val_bpb, a.n_runs))
         last[a.commit] = a
     kept = [c for c in scores if c is not None and final.get(c) == "keep"]
-    mean = {c: statistics.fmean(scores[c]) for c in kept}
+    runs = {c: sum(n for _, n in scores[c]) for c in kept}
+    mean = {c: sum(v * n for v, n in scores[c]) / runs[c] for c in kept}
     baseline = kept[0] if kept else None
-    best = min(kept, key=lambda c: mean[c]) if kept else None
+    # Ties go to the later keep, as the ledger's champion does.
+    best = min(reversed(kept), key=lambda c: mean[c]) if kept else None
 
     def recipe_of(commit):
         if commit is None:
@@ -150,7 +153,7 @@ def summarize(ledger, recipe_at=lambda commit: None) -> BranchSummary:
         baseline_bpb=mean.get(baseline),
         best_commit=best,
         best_bpb=mean.get(best),
-        best_runs=len(scores.get(best, [])) if best else 0,
+        best_runs=runs.get(best, 0),
         best_metrics=dict(last[best].metrics) if best else {},
         noise_floor=ledger.noise_floor,
         baseline_recipe=recipe_of(baseline),

@@ -12,6 +12,7 @@ can be compared too; rows carry less (no recipe, no contract parts), which is sa
 """
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -60,6 +61,7 @@ class Attempt:
     machine: str | None = None
     seed: int | None = None
     smoke: bool = False
+    n_runs: int = 1  # seed runs behind the metrics (the significance gate re-runs candidates)
 
     def metric(self, name):
         return _finite(self.metrics.get(name))
@@ -79,6 +81,8 @@ class Attempt:
         seq = data.get("seq")
         recipe = data.get("recipe")
         parts = data.get("contract_parts")
+        runs = data.get("runs")
+        ok_runs = sum(1 for r in runs if isinstance(r, dict) and r.get("status") == "ok") if isinstance(runs, list) else 0
         return cls(
             seq=seq if isinstance(seq, int) else fallback_seq,
             status=str(data.get("status") or "unknown"),
@@ -93,6 +97,7 @@ class Attempt:
             machine=data.get("machine") or None,
             seed=data.get("seed"),
             smoke=bool(data.get("smoke")),
+            n_runs=max(ok_runs, 1),
         )
 
     @classmethod
@@ -104,7 +109,7 @@ class Attempt:
             "tok_per_sec": _finite(row.get("tok_per_sec")),
             "num_steps": _finite(row.get("num_steps")),
         }
-        seed = row.get("seed")
+        seed, n_runs = row.get("seed"), row.get("n_runs", "")
         return cls(
             seq=seq,
             status=row.get("status") or "unknown",
@@ -115,6 +120,7 @@ class Attempt:
             backend=row.get("backend") or None,
             device=row.get("device") or None,
             seed=int(seed) if str(seed).isdigit() else None,
+            n_runs=max(int(n_runs), 1) if str(n_runs).isdigit() else 1,
         )
 
 
@@ -143,7 +149,20 @@ class BranchLedger:
 
     @property
     def noise_floor(self):
-        return _finite((self.noise or {}).get("floor"))
+        """val_bpb seed noise (a standard deviation) from noise.json, or None.
+
+        Read defensively: an explicit "floor" (or "std"/"sigma"), else the standard deviation
+        of the measured "samples"; a measurement of another objective does not count.
+        """
+        noise = self.noise or {}
+        if noise.get("objective", "val_bpb") != "val_bpb":
+            return None
+        for key in ("floor", "std", "sigma"):
+            v = _finite(noise.get(key))
+            if v is not None:
+                return v
+        samples = [v for v in map(_finite, noise.get("samples") or []) if v is not None]
+        return statistics.stdev(samples) if len(samples) >= 2 else None
 
 
 # --- the repository ----------------------------------------------------------------------------
