@@ -1,0 +1,135 @@
+"""A prepared dataset, opened for training and evaluation.
+
+    ds = open_dataset()            # the current dataset (the one prepare made last), or by name
+    ds.profile, ds.vocab_size, ds.bos_id, ds.token_bytes, ds.tokenizer
+    for inputs, targets, epoch in ds.train_batches(B, T, seed=0): ...
+    for inputs, targets in ds.val_batches(B, T): ...   # the fixed validation walk
+    fingerprint, parts = ds.contract
+
+A dataset directory is complete only once `manifest.json` exists (prepare writes it last), and
+opening checks that the manifest, the tokenizer and the token shards agree; any mismatch is a
+DataError that says which file and which command fixes it.
+"""
+import json
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .. import paths
+from ..constants import PROFILES, Profile
+from .errors import DataError
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1
+TOKENIZER_DIR = "tokenizer"
+TOKENS_DIR = "tokens"
+SPLITS = ("train", "val")
+
+NO_DATA_HINT = ("run `python prepare.py` (downloads climbmix) or `python prepare.py --source demo` "
+                "(offline, small)")
+
+
+def read_manifest(directory) -> dict | None:
+    p = Path(directory) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{p} is not valid JSON ({e}); re-run prepare with --force") from e
+    if not isinstance(m, dict) or m.get("schema") != MANIFEST_SCHEMA:
+        raise DataError(f"{p}: unknown manifest schema; re-run prepare with --force")
+    return m
+
+
+def profile_from_manifest(m: dict, where: Path) -> Profile:
+    try:
+        profile = Profile(**m["profile"])
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{where}: manifest has no valid profile; re-run prepare with --force") from e
+    known = PROFILES.get(profile.name)
+    if known is not None and known != profile:
+        raise DataError(f"{where} was prepared under different '{profile.name}' contract numbers "
+                        f"({asdict(profile)}) than mlx_ar.constants now has ({asdict(known)}); "
+                        "re-run prepare with --force")
+    return profile
+
+
+class Dataset:
+    def __init__(self, directory, name: str | None = None):
+        from .tokenizer import load_tokenizer
+
+        self.dir = Path(directory)
+        self.name = name or self.dir.name
+        m = read_manifest(self.dir)
+        if m is None:
+            state = "was interrupted" if self.dir.exists() else "has not been run"
+            raise DataError(f"dataset '{self.name}' is not prepared ({self.dir / MANIFEST} missing: prepare "
+                            f"{state}); {NO_DATA_HINT}")
+        self.manifest = m
+        self.profile = profile_from_manifest(m, self.dir / MANIFEST)
+        for split in SPLITS:
+            if not m.get("splits", {}).get(split, {}).get("files"):
+                raise DataError(f"{self.dir / MANIFEST} lists no {split} split; re-run prepare with --force")
+        self.tokenizer = load_tokenizer(self.dir / TOKENIZER_DIR, vocab_size=self.profile.vocab_size)
+        if self.tokenizer.hash != m.get("tokenizer", {}).get("hash"):
+            raise DataError(f"the tokenizer in {self.dir / TOKENIZER_DIR} is not the one the token shards were "
+                            "made with; re-run prepare with --force")
+        self.vocab_size: int = self.tokenizer.vocab_size
+        self.bos_id: int = self.tokenizer.bos_id
+        self._tables: dict = {}
+
+    @property
+    def token_bytes(self) -> np.ndarray:
+        """int32 (vocab_size,): UTF-8 bytes of each token, 0 for special tokens."""
+        return self.tokenizer.token_bytes
+
+    def split_table(self, split: str):
+        """The DocTable of `split` ('train' or 'val'), memory-mapped and checked against the manifest."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in self._tables:
+            from .loader import DocTable
+            from .shards import load_shard
+
+            files = self.manifest["splits"][split]["files"]
+            shards = [load_shard(self.dir / TOKENS_DIR, split, i, self.bos_id, f["tokens"], f["docs"])
+                      for i, f in enumerate(files)]
+            self._tables[split] = DocTable(shards)
+        return self._tables[split]
+
+    def num_tokens(self, split: str) -> int:
+        return int(self.manifest["splits"][split]["tokens"])
+
+    def train_batches(self, batch_size: int, seq_len: int, seed: int = 0, prefetch: int = 2):
+        """Infinite (inputs, targets, epoch); int32 (B, T); reshuffled by (seed, epoch) every epoch."""
+        from .loader import train_batches
+
+        return train_batches(self.split_table("train"), batch_size, seq_len, seed=seed, prefetch=prefetch)
+
+    def val_batches(self, batch_size: int, seq_len: int, max_rows: int | None = None):
+        """The deterministic validation walk: (inputs, targets) int32 (b, T), b <= batch_size."""
+        from .loader import val_batches
+
+        return val_batches(self.split_table("val"), batch_size, seq_len, max_rows=max_rows)
+
+    @cached_property
+    def contract(self) -> tuple[str, dict]:
+        """(fingerprint_hex, parts): what evaluate_bpb measures against; see mlx_ar.evaluate."""
+        from ..evaluate import contract_fingerprint
+
+        return contract_fingerprint(self)
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.name!r}, profile={self.profile.name}, vocab={self.vocab_size}, dir={str(self.dir)!r})"
+
+
+def open_dataset(name: str | None = None) -> Dataset:
+    """Open the prepared dataset `name` (default: the current one) under the cache root."""
+    if name is None:
+        name = paths.current_dataset()
+        if name is None:
+            raise DataError(f"no dataset has been prepared yet under {paths.cache_root()}; {NO_DATA_HINT}")
+    return Dataset(paths.dataset_dir(name), name)

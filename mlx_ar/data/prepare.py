@@ -1,0 +1,305 @@
+"""`prepare`: raw text -> tokenizer -> pre-tokenized shards -> manifest, and its command line.
+
+    python prepare.py                              # climbmix: 10 training shards + validation shard
+    python prepare.py --source demo                # offline, small, demo profile
+    python prepare.py /data/prose                  # a local directory (= --source local --dir ...)
+    mlx-ar prepare ...                             # the same command
+
+In code (tests pass a small profile and any Source):
+    manifest = prepare_dataset(source, out_dir, profile, name="x")
+
+Steps: train the BPE on the training split (character caps from constants), check that it
+round-trips, tokenize both splits with a thread pool, check that the validation walk covers the
+profile's eval_tokens, then swap the new tokenizer/ and tokens/ into place and write
+manifest.json last. Everything is built under `staging/` first, so an interrupted prepare never
+leaves a dataset that looks complete; re-running resumes downloads and rebuilds the rest.
+"""
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from ..constants import CLIMBMIX_BASE_URL, CLIMBMIX_DEFAULT_SHARDS, CLIMBMIX_VAL_SHARD, DEMO, REAL
+from .errors import DataError
+
+SOURCES = ("climbmix", "local", "demo")
+
+
+@dataclass(frozen=True)
+class PrepareDefaults:
+    source: str = "climbmix"
+    num_shards: int = CLIMBMIX_DEFAULT_SHARDS
+    base_url: str = CLIMBMIX_BASE_URL
+    workers: int = 8                              # parallel downloads
+    threads: int = max(1, os.cpu_count() or 1)   # tokenizer threads
+
+
+DEFAULTS = PrepareDefaults()
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def default_name(source: str, directory: Path | None = None) -> str:
+    if source == "local":
+        return f"local-{Path(directory).expanduser().resolve().name}"
+    return source
+
+
+def profile_for(source: str):
+    """The demo source is measured with the small DEMO profile; every other source with REAL."""
+    return DEMO if source == "demo" else REAL
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+def _train_tokenizer(source, profile, log, stream=None):
+    from ..constants import TOKENIZER_DOC_CHARS, TOKENIZER_TOTAL_CHARS
+    from .progress import Progress
+    from .tokenizer import ROUND_TRIP_DOCS, capped_texts, train_tokenizer
+
+    stats: dict = {}
+    bar = Progress("tokenizer training text", total=None, unit=" chars", stream=stream)
+
+    def texts():
+        for f in source.train:
+            for doc in f.documents(log):
+                yield doc
+
+    def counted(it):
+        for piece in it:
+            bar.update(len(piece), note=f"{stats.get('docs', 0)} docs")
+            yield piece
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(counted(capped_texts(texts(), TOKENIZER_DOC_CHARS, TOKENIZER_TOTAL_CHARS, stats)),
+                          profile.vocab_size)
+    bar.close(note=f"{stats.get('docs', 0)} docs")
+    seconds = time.perf_counter() - t0
+    log(f"trained BPE vocab {tok.vocab_size} on {stats.get('chars', 0):,} chars of {stats.get('docs', 0):,} "
+        f"training documents in {seconds:.1f}s")
+
+    def sample(files):
+        out = []
+        for f in files:
+            for doc in f.documents(log):
+                out.append(doc)
+                if len(out) >= ROUND_TRIP_DOCS:
+                    return out
+        return out
+
+    checked = tok.round_trip_check(sample(source.train)) + tok.round_trip_check(sample(source.val))
+    log(f"tokenizer round trip ok on {checked} documents")
+    return tok, {"docs": stats.get("docs", 0), "chars": stats.get("chars", 0), "seconds": round(seconds, 3)}
+
+
+def _tokenize_split(tok, split: str, files, tokens_dir: Path, pool, threads: int, bar, totals, log) -> dict:
+    from .progress import human
+    from .shards import tokenize_file
+
+    def on_progress(ntok, nbytes):
+        totals["tokens"] += ntok
+        totals["bytes"] += nbytes
+        rate = totals["tokens"] / max(time.perf_counter() - totals["t0"], 1e-9)
+        bar.update(nbytes, note=f"{human(totals['tokens'])} tokens, {human(rate)} tok/s")
+
+    entries = []
+    for i, f in enumerate(files):
+        bar.label = f"tokenize {split} {i + 1}/{len(files)}"
+        st = tokenize_file(tok, f, tokens_dir, split, i, pool, window=2 * threads, on_progress=on_progress, log=log)
+        entries.append({"source": f.name, **st.as_dict()})
+    info = {
+        "files": entries,
+        "tokens": sum(e["tokens"] for e in entries), "docs": sum(e["docs"] for e in entries),
+        "bytes": sum(e["bytes"] for e in entries), "empty_skipped": sum(e["empty_skipped"] for e in entries),
+    }
+    if info["empty_skipped"]:
+        log(f"skipped {info['empty_skipped']:,} empty {split} document(s)")
+    return info
+
+
+def _check_validation_walk(tok, source, tokens_dir: Path, profile, val_info: dict) -> str:
+    """sha256 of the walk evaluate_bpb will score; DataError if the split cannot fill it."""
+    from ..evaluate import eval_rows, validation_walk_digest
+    from .loader import DocTable
+    from .shards import load_shard
+
+    n_rows = eval_rows(profile)
+    table = DocTable([load_shard(tokens_dir, "val", i, tok.bos_id) for i in range(len(source.val))])
+    found, digest = validation_walk_digest(table, profile.max_seq_len, n_rows)
+    if found < n_rows:
+        hint = ("pin more validation data with --val-file (repeatable)" if source.kind == "local"
+                else "the validation source is too small for this profile")
+        raise DataError(f"the validation split ({', '.join(f.name for f in source.val)}: "
+                        f"{val_info['tokens']:,} tokens) packs into only {found} rows of "
+                        f"{profile.max_seq_len + 1} tokens, but evaluation needs {n_rows} rows "
+                        f"({profile.eval_tokens:,} target tokens); {hint}")
+    return digest
+
+
+def _versions() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("numpy", "tiktoken", "rustbpe", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    import json
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_dataset(source, out_dir, profile, *, name: str | None = None, force: bool = False,
+                    threads: int = DEFAULTS.threads, log=_log, stream=None) -> dict:
+    """Build the dataset for `source` in `out_dir` under `profile`; return its manifest.
+
+    An existing complete dataset from the same source and profile is kept as is unless `force`.
+    """
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import datetime, timezone
+
+    from ..evaluate import eval_rows
+    from .dataset import MANIFEST, MANIFEST_SCHEMA, TOKENIZER_DIR, TOKENS_DIR, read_manifest
+    from .progress import Progress, human
+
+    out = Path(out_dir)
+    name = name or out.name
+    existing = read_manifest(out) if (out / MANIFEST).exists() else None
+    if existing is not None and not force:
+        if existing.get("source") == source.config and existing.get("profile") == asdict(profile):
+            log(f"dataset '{name}' is already prepared in {out} (pass --force to rebuild it)")
+            return existing
+        raise DataError(f"{out} already holds dataset '{name}' prepared from other settings "
+                        f"({existing.get('source')}, profile {existing.get('profile', {}).get('name')}); "
+                        "pass --force to rebuild it, or --name to prepare a separate dataset")
+    n_rows = eval_rows(profile)
+    t_start = time.perf_counter()
+    log(f"preparing '{name}' in {out} from {source.describe()} (profile {profile.name})")
+    staging = out / "staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        tok, tok_stats = _train_tokenizer(source, profile, log, stream)
+        tok.save(staging / TOKENIZER_DIR)
+        tokens_dir = staging / TOKENS_DIR
+        totals = {"tokens": 0, "bytes": 0, "t0": time.perf_counter()}
+        bar = Progress("tokenize", unit="B", stream=stream)
+        with ThreadPoolExecutor(threads) as pool:
+            # Validation first: a split too small for the eval walk fails before the long part.
+            val = _tokenize_split(tok, "val", source.val, tokens_dir, pool, threads, bar, totals, log)
+            digest = _check_validation_walk(tok, source, tokens_dir, profile, val)
+            train = _tokenize_split(tok, "train", source.train, tokens_dir, pool, threads, bar, totals, log)
+        bar.close()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - totals["t0"]
+    throughput = {
+        "seconds": round(seconds, 3), "threads": threads,
+        "tokens_per_sec": round(totals["tokens"] / max(seconds, 1e-9)),
+        "mb_per_sec": round(totals["bytes"] / 1e6 / max(seconds, 1e-9), 2),
+    }
+    log(f"tokenized {totals['bytes'] / 1e6:,.1f} MB into {totals['tokens']:,} tokens in {seconds:.1f}s: "
+        f"{human(throughput['tokens_per_sec'])} tokens/s, {throughput['mb_per_sec']:.1f} MB/s ({threads} threads)")
+    splits = {"train": train, "val": val}
+
+    manifest = {
+        "schema": MANIFEST_SCHEMA, "name": name, "source": source.config, "profile": asdict(profile),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "trained_on": tok_stats},
+        "splits": splits,
+        "validation_walk": {"rows": n_rows, "seq_len": profile.max_seq_len, "sha256": digest},
+        "throughput": throughput, "versions": _versions(),
+    }
+    # Swap in: with the manifest gone, a crash in between reads as "not prepared", never as stale data.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for sub in (TOKENIZER_DIR, TOKENS_DIR):
+        if (out / sub).exists():
+            shutil.rmtree(out / sub)
+        os.replace(staging / sub, out / sub)
+    shutil.rmtree(staging)
+    _atomic_json(out / MANIFEST, manifest)
+    log(f"prepared '{name}' in {time.perf_counter() - t_start:.1f}s")
+    return manifest
+
+
+# --- command line -----------------------------------------------------------------------------
+def _explicit(ctx, param: str) -> bool:
+    return ctx.get_parameter_source(param) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+@click.command("prepare", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--source", type=click.Choice(SOURCES), default=DEFAULTS.source, show_default=True,
+              help="climbmix: download shards; local: a directory of .parquet/.jsonl/.txt; demo: offline stdlib text.")
+@click.option("--dir", "dir_opt", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for --source local (or give it as the argument).")
+@click.option("--val-file", "val_files", multiple=True,
+              help="local: file(s) pinned as validation (repeatable; default: the last file in sorted order).")
+@click.option("--num-shards", type=click.IntRange(1, CLIMBMIX_VAL_SHARD), default=DEFAULTS.num_shards,
+              show_default=True, help="climbmix: training shards to download.")
+@click.option("--base-url", default=DEFAULTS.base_url, show_default=True, help="climbmix: where shards are served.")
+@click.option("--workers", type=click.IntRange(1), default=DEFAULTS.workers, show_default=True,
+              help="climbmix: parallel downloads.")
+@click.option("--name", help="Dataset name (default: climbmix, demo, or local-<dirname>).")
+@click.option("--force", is_flag=True, help="Rebuild the tokenizer and token shards even if already prepared.")
+@click.pass_context
+def prepare_command(ctx, directory, source, dir_opt, val_files, num_shards, base_url, workers, name, force):
+    """Download or read text, train the tokenizer, and pre-tokenize the train and validation splits."""
+    from .. import paths
+    from .sources import climbmix_source, demo_source, local_source
+
+    if directory and dir_opt and Path(directory) != Path(dir_opt):
+        raise click.UsageError(f"two directories given: {directory} and --dir {dir_opt}")
+    directory = directory or dir_opt
+    if directory and not _explicit(ctx, "source"):
+        source = "local"
+    if source == "local" and not directory:
+        raise click.UsageError("--source local needs a directory: `python prepare.py --source local DIR`")
+    if directory and source != "local":
+        raise click.UsageError(f"a directory only applies to --source local, not --source {source}")
+    if val_files and source != "local":
+        raise click.UsageError("--val-file only applies to --source local")
+    for opt in ("num_shards", "base_url", "workers"):
+        if source != "climbmix" and _explicit(ctx, opt):
+            raise click.UsageError(f"--{opt.replace('_', '-')} only applies to --source climbmix")
+    name = name or default_name(source, directory)
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise click.UsageError(f"invalid dataset name {name!r}")
+
+    out = paths.dataset_dir(name)
+    profile = profile_for(source)
+    try:
+        if source == "climbmix":
+            from .download import DEFAULTS as DL, DownloadSettings, download_shards
+
+            settings = DownloadSettings(workers=workers, retries=DL.retries, backoff=DL.backoff, timeout=DL.timeout)
+            download_shards(list(range(num_shards)) + [CLIMBMIX_VAL_SHARD], out / "raw", base_url, settings, log=_log)
+            src = climbmix_source(out / "raw", num_shards)
+        elif source == "local":
+            src = local_source(directory, val_files)
+        else:
+            src = demo_source(log=_log)
+        manifest = prepare_dataset(src, out, profile, name=name, force=force, log=_log)
+    except DataError as e:
+        raise click.ClickException(str(e)) from e
+    paths.set_current_dataset(name)
+    tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
+    click.echo(f"dataset '{name}' ready in {out} (profile {profile.name}, vocab {manifest['tokenizer']['vocab_size']})")
+    click.echo(f"  train: {tr['tokens']:,} tokens in {tr['docs']:,} documents")
+    click.echo(f"  val:   {va['tokens']:,} tokens in {va['docs']:,} documents")
+    click.echo(f"current dataset is now '{name}'. Next: python train.py")
