@@ -99,12 +99,12 @@ def validation_walk_digest(val_table, seq_len: int, n_rows: int) -> tuple[int, s
     return found, h.hexdigest()
 
 
-def eval_code_hash() -> str:
-    """sha256 of this module's source and of the loader's validation-walk source."""
+def eval_code_hash(evaluate_source: bytes | None = None, walk_source: str | None = None) -> str:
+    """sha256 of this module's source and of the loader's validation-walk source (defaults: the live code)."""
     from .data.loader import validation_walk_source
 
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(b"\0" + validation_walk_source().encode())
+    h = hashlib.sha256(Path(__file__).read_bytes() if evaluate_source is None else evaluate_source)
+    h.update(b"\0" + (validation_walk_source() if walk_source is None else walk_source).encode())
     return h.hexdigest()
 
 
@@ -114,10 +114,12 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:FINGERPRINT_CHARS]
 
 
-def contract_parts(profile, tokenizer_hash: str, validation_sha256: str, eval_code: str | None = None) -> dict:
+def contract_parts(profile, tokenizer_hash: str, validation_sha256: str, eval_code: str | None = None,
+                   eval_version: int = EVAL_VERSION) -> dict:
+    """The ingredients of the fingerprint, as recorded in run records and receipts."""
     return {
         "profile": asdict(profile),
-        "eval_version": EVAL_VERSION,
+        "eval_version": eval_version,
         "tokenizer": tokenizer_hash,
         "validation": validation_sha256,
         "eval_code": eval_code if eval_code is not None else eval_code_hash(),

@@ -14,7 +14,9 @@ Packing (each row holds T+1 tokens; inputs = row[:-1], targets = row[1:]):
 Rows are produced one at a time, so the sequence of rows does not depend on the batch size.
 
 Training streams every document once per epoch in an order shuffled by (seed, epoch), forever;
-`epoch` (from 1) is the pass the loader is currently reading. Validation streams the validation
+`epoch` (from 1) is the pass the last packed document belongs to. The buffer drains at the end
+of an epoch before the next one enters, so within an epoch every document is used exactly once
+(whole, or cropped at the end of a row). Validation streams the validation
 documents in file order, once, with no randomness: the same rows on every machine and backend.
 Batches are int32 numpy arrays; each backend converts them on its side.
 """
@@ -79,7 +81,11 @@ def val_doc_stream(table: DocTable):
 
 # --- best-fit packing -------------------------------------------------------------------------
 class BestFitPacker:
-    """Fills rows from a document stream; `epoch` is the epoch of the latest document taken in."""
+    """Fills rows from a document stream; `epoch` is the epoch of the last document placed.
+
+    The buffer never mixes epochs: documents of the next epoch enter only once the current
+    epoch's have all been placed, so each epoch uses every document exactly once.
+    """
 
     def __init__(self, docs, tokens: list[np.ndarray], buffer_docs: int = BUFFER_DOCS):
         self.docs = iter(docs)
@@ -87,25 +93,32 @@ class BestFitPacker:
         self.buffer_docs = buffer_docs
         self.lens: list[int] = []                 # sorted ascending
         self.items: list[tuple[int, int]] = []    # (shard, start), aligned with lens
+        self.buffer_epoch = 0                     # epoch of the documents in the buffer
         self.epoch = 0
-        self.exhausted = False
-        for _ in range(buffer_docs):
-            if not self._take():
-                break
+        self._pending = None                      # next document, held back until the buffer drains
+        self._refill()
 
     def _take(self) -> bool:
-        """Move one document from the stream into the buffer; False once the stream is exhausted."""
-        if self.exhausted:
-            return False
-        try:
-            shard, start, length, self.epoch = next(self.docs)
-        except StopIteration:
-            self.exhausted = True
-            return False
+        """Move one document from the stream into the buffer; False if the stream is dry or the epoch ends."""
+        if self._pending is None:
+            try:
+                self._pending = next(self.docs)
+            except StopIteration:
+                return False
+        shard, start, length, epoch = self._pending
+        if epoch != self.buffer_epoch:
+            if self.lens:
+                return False
+            self.buffer_epoch = epoch
+        self._pending = None
         i = bisect_right(self.lens, length)
         self.lens.insert(i, length)
         self.items.insert(i, (shard, start))
         return True
+
+    def _refill(self) -> None:
+        while len(self.lens) < self.buffer_docs and self._take():
+            pass
 
     def fill(self, out: np.ndarray) -> int:
         """Fill the rows of `out` (n, cap) in order; return how many were completed.
@@ -119,7 +132,9 @@ class BestFitPacker:
             pos = 0
             while pos < cap:
                 if not lens:
-                    return r
+                    self._refill()         # the epoch has drained: start the next one
+                    if not lens:
+                        return r
                 space = cap - pos
                 i = bisect_right(lens, space) - 1
                 if i >= 0:
@@ -130,6 +145,7 @@ class BestFitPacker:
                 shard, start = items.pop(i)
                 row[pos:pos + n] = tokens[shard][start:start + n]
                 pos += n
+                self.epoch = self.buffer_epoch
                 take()
         return n_rows
 
