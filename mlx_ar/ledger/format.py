@@ -4,7 +4,12 @@ An experiment branch `autoresearch/<tag>-<machine>` carries its own ledger, comm
 bookkeeping commits whose message starts with LEDGER_COMMIT_PREFIX:
     results.tsv                     one row per attempt, tab-separated, header first
     receipts/<seq:05d>-<commit7>.json   one JSON receipt per attempt
+    noise.json                      the measured noise floor, once `mlx-ar noise` has run
 Every commit on the branch that is not a ledger commit is a kept experiment.
+
+A row's val_bpb is the mean over the attempt's seed runs (n_runs of them; the significance
+gate re-runs promising candidates); a crash or refused row holds 0.000000 and 0.0 like
+upstream's crash rows. The receipt's `runs` list has each run's seed, status and metrics.
 """
 import csv
 import io
@@ -13,12 +18,15 @@ import json
 LEDGER_COMMIT_PREFIX = "ledger:"
 RESULTS_FILE = "results.tsv"
 RECEIPTS_DIR = "receipts"
+NOISE_FILE = "noise.json"
 RECEIPT_SCHEMA = 1
+NOISE_SCHEMA = 1
 
 # Upstream's five columns first, so upstream tooling still reads the file.
 RESULTS_COLUMNS = (
     "commit", "val_bpb", "memory_gb", "status", "description",
     "tok_per_sec", "num_steps", "backend", "device", "seed", "contract", "receipt",
+    "n_runs", "worker",
 )
 STATUSES = ("keep", "discard", "crash", "refused", "suspect")
 
@@ -28,7 +36,14 @@ RECEIPT_FIELDS = (
     "commit", "parent", "branch", "diff",
     "recipe", "backend", "device", "machine", "seed", "contract", "smoke",
     "metrics", "executed_files", "started_at", "finished_at",
+    # added by the research loop: which seed runs, what the gate saw, where it ran
+    "attempt_commit", "surface_sha", "tier", "gate", "runs", "worker", "contract_parts", "versions",
 )
+
+
+def receipt_name(seq: int, commit: str) -> str:
+    """receipts/<seq:05d>-<commit7>.json, relative to the branch root."""
+    return f"{RECEIPTS_DIR}/{int(seq):05d}-{str(commit)[:7]}.json"
 
 
 def sanitize(text: str) -> str:

@@ -1,0 +1,256 @@
+"""The git side of the ratchet, through GitPython and git plumbing.
+
+Commits are built from explicit file contents on top of an explicit parent with a temporary
+index, and branches move with compare-and-swap `update-ref`; nothing here ever stages "all
+changes", checks out over user files or resets a working tree. Only the paths the loop owns
+(the mutable surface and the ledger files) are ever written, and their index entries are
+brought in line with the new HEAD afterwards so `git status` stays truthful.
+
+    repo = open_repo(root)
+    files = read_worktree(root, ["train.py"])           # {"train.py": b"..."}
+    sha = make_commit(repo, parent=head_sha(repo), files=files, message="wider MLP")
+    move_branch(repo, branch_name(repo), sha, expected=parent)
+    sync_index(repo, ["train.py"])
+
+GitPython (`git`) is imported inside functions so the CLI stays light.
+"""
+import difflib
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from .format import LEDGER_COMMIT_PREFIX
+from .ledger import atomic_write
+
+ATTEMPT_REF = "refs/mlx-ar/attempts"
+
+
+class GitError(RuntimeError):
+    """A git precondition failed (the message says what to do)."""
+
+
+def open_repo(root):
+    """The repository whose working-tree root is `root` (a main checkout or a worktree)."""
+    import git
+
+    root = Path(root).resolve()
+    try:
+        repo = git.Repo(root)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        raise GitError(f"{root} is not a git repository (run mlx-ar from the repository root)") from None
+    if repo.bare or Path(repo.working_tree_dir).resolve() != root:
+        raise GitError(f"{root} is not the root of a git working tree (run mlx-ar from the repository root, "
+                       f"{repo.working_tree_dir})")
+    return repo
+
+
+def common_dir(repo) -> Path:
+    """The .git directory shared by all worktrees (where locks and counters live)."""
+    return Path(repo.common_dir).resolve()
+
+
+def branch_name(repo) -> str:
+    if repo.head.is_detached:
+        raise GitError("HEAD is detached; check out the experiment branch first "
+                       "(git checkout -b autoresearch/<tag>-<machine>)")
+    return repo.active_branch.name
+
+
+def head_sha(repo) -> str:
+    try:
+        return repo.head.commit.hexsha
+    except ValueError:
+        raise GitError("the repository has no commits yet; commit train.py first") from None
+
+
+def is_ledger_message(message: str) -> bool:
+    return message.startswith(LEDGER_COMMIT_PREFIX)
+
+
+def commit_info(repo, rev: str) -> dict:
+    c = repo.commit(rev)
+    return {"sha": c.hexsha, "message": c.message, "parents": [p.hexsha for p in c.parents]}
+
+
+def has_ledger_commit(repo, rev: str) -> bool:
+    """Whether `rev` or any ancestor is a ledger commit (i.e. the branch has a ledger)."""
+    return bool(_git(repo, "log", "--format=%H", "-n", "1", f"--grep=^{LEDGER_COMMIT_PREFIX}", rev))
+
+
+# --- reading files -----------------------------------------------------------------------------
+def read_worktree(root, paths) -> dict:
+    """{path: bytes, or None when the file does not exist} in the working tree."""
+    out = {}
+    for p in paths:
+        f = Path(root) / p
+        out[p] = f.read_bytes() if f.is_file() else None
+    return out
+
+
+def read_commit(repo, rev: str, paths) -> dict:
+    """{path: bytes, or None when absent} at commit `rev`."""
+    tree = repo.commit(rev).tree
+    out = {}
+    for p in paths:
+        try:
+            out[p] = tree[p].data_stream.read()
+        except KeyError:
+            out[p] = None
+    return out
+
+
+def surface_sha(files: dict) -> str:
+    """Content hash of a mutable surface: identical files give the identical hash."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        data = files[path]
+        h.update(path.encode() + b"\0")
+        h.update(b"-" if data is None else hashlib.sha256(data).hexdigest().encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def diff_text(old: dict, new: dict) -> str:
+    """Unified diff of two {path: bytes|None} snapshots (what a receipt records)."""
+    parts = []
+    for path in sorted(set(old) | set(new)):
+        a, b = old.get(path), new.get(path)
+        if a == b:
+            continue
+        a_lines = (a or b"").decode(errors="replace").splitlines(keepends=True)
+        b_lines = (b or b"").decode(errors="replace").splitlines(keepends=True)
+        parts.extend(difflib.unified_diff(a_lines, b_lines, f"a/{path}" if a is not None else "/dev/null",
+                                          f"b/{path}" if b is not None else "/dev/null"))
+    return "".join(line if line.endswith("\n") else line + "\n" for line in parts)
+
+
+# --- status ----------------------------------------------------------------------------------
+def status_paths(repo) -> list[str]:
+    """Paths that differ from HEAD in the index or the working tree, untracked files included
+    (ignored files are not listed)."""
+    out = _git(repo, "status", "--porcelain=v1", "-z", "--untracked-files=all", strip=False)
+    entries = out.split("\0")
+    paths, i = [], 0
+    while i < len(entries):
+        e = entries[i]
+        i += 1
+        if len(e) < 4:
+            continue
+        code, path = e[:2], e[3:]
+        paths.append(path)
+        if "R" in code or "C" in code:  # renames carry the old path as the next entry
+            if i < len(entries) and entries[i]:
+                paths.append(entries[i])
+            i += 1
+    return paths
+
+
+# --- writing ---------------------------------------------------------------------------------
+def _git(repo, *args, env=None, input_bytes=None, strip=True) -> str:
+    """Run a git command in the working tree; raise GitError with git's own message."""
+    full_env = dict(os.environ, LC_ALL="C", LANGUAGE="C")
+    full_env.update(env or {})
+    p = subprocess.run(["git", *args], cwd=repo.working_tree_dir, env=full_env, input=input_bytes,
+                       capture_output=True)
+    if p.returncode:
+        raise GitError(f"git {' '.join(args[:3])} failed: {p.stderr.decode(errors='replace').strip()}")
+    out = p.stdout.decode(errors="replace")
+    return out.strip() if strip else out
+
+
+def _tree_entry(repo, rev: str, path: str):
+    """(mode, sha) of `path` in `rev`, or None."""
+    out = _git(repo, "ls-tree", rev, "--", path)
+    if not out:
+        return None
+    meta = out.split("\t", 1)[0].split()
+    return meta[0], meta[2]
+
+
+def make_commit(repo, *, parent: str, files: dict, message: str) -> str:
+    """A new commit = `parent`'s tree with `files` ({path: bytes or None to delete}) applied.
+
+    Neither the branch, the real index nor the working tree changes; the commit's sha is
+    returned (keep it reachable with a ref or by moving a branch to it).
+    """
+    tmp_index = Path(repo.git_dir) / f"mlx-ar-index.{os.getpid()}.tmp"
+    env = {"GIT_INDEX_FILE": str(tmp_index)}
+    try:
+        _git(repo, "read-tree", parent, env=env)
+        for path, data in sorted(files.items()):
+            if data is None:
+                _git(repo, "update-index", "--force-remove", "--", path, env=env)
+                continue
+            blob = _git(repo, "hash-object", "-w", "--stdin", input_bytes=data)
+            entry = _tree_entry(repo, parent, path)
+            mode = entry[0] if entry and entry[0].startswith("100") else "100644"
+            _git(repo, "update-index", "--add", "--cacheinfo", f"{mode},{blob},{path}", env=env)
+        tree = _git(repo, "write-tree", env=env)
+        return _git(repo, "commit-tree", tree, "-p", parent, "-m", message)
+    finally:
+        if tmp_index.exists():
+            tmp_index.unlink()
+
+
+def move_branch(repo, branch: str, new: str, expected: str, reason: str = "mlx-ar") -> None:
+    """Point `branch` at `new`, only if it still points at `expected` (compare-and-swap)."""
+    try:
+        _git(repo, "update-ref", "-m", reason, f"refs/heads/{branch}", new, expected)
+    except GitError as e:
+        raise GitError(f"branch {branch} moved while mlx-ar was working (expected {expected[:7]}); "
+                       f"nothing was lost, re-run the command ({e})") from None
+
+
+def sync_index(repo, paths) -> None:
+    """Make the index entries of `paths` equal HEAD's (other staged changes stay as they are)."""
+    head = head_sha(repo)
+    for path in paths:
+        entry = _tree_entry(repo, head, path)
+        if entry is None:
+            _git(repo, "update-index", "--force-remove", "--", path)
+        else:
+            _git(repo, "update-index", "--add", "--cacheinfo", f"{entry[0]},{entry[1]},{path}")
+
+
+def write_worktree(root, files: dict) -> None:
+    """Write (atomically) or delete files in the working tree."""
+    for path, data in files.items():
+        f = Path(root) / path
+        if data is None:
+            if f.exists():
+                f.unlink()
+        else:
+            atomic_write(f, data)
+
+
+def set_ref(repo, name: str, sha: str) -> None:
+    _git(repo, "update-ref", name, sha)
+
+
+def attempt_ref(seq: int) -> str:
+    """Where a candidate commit stays reachable after its branch moved on (discards, crashes)."""
+    return f"{ATTEMPT_REF}/{int(seq):05d}"
+
+
+def commit_on_branch(repo, *, branch: str, files: dict, message: str, write_files: bool = True) -> str:
+    """Commit `files` on top of the branch tip and move the branch there (CAS), then sync the index.
+
+    With write_files the working tree gets the same contents first (they usually already have them).
+    """
+    tip = head_sha(repo)
+    if write_files:
+        write_worktree(repo.working_tree_dir, {p: d for p, d in files.items()})
+    sha = make_commit(repo, parent=tip, files=files, message=message)
+    move_branch(repo, branch, sha, tip, reason=message.splitlines()[0][:60])
+    sync_index(repo, list(files))
+    return sha
+
+
+def add_worktree(repo, path, branch: str, start: str) -> None:
+    _git(repo, "worktree", "add", "-b", branch, str(path), start)
+
+
+def worktree_paths(repo) -> list[Path]:
+    out = _git(repo, "worktree", "list", "--porcelain")
+    return [Path(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("worktree ")]
