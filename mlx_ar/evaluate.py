@@ -16,7 +16,7 @@ rows-per-call and on every machine given the same losses:
 Special tokens (0 bytes) are left out of both sums. A non-finite loss makes the result nan/inf.
 
 The contract fingerprint (16 hex chars) covers everything that gives a val_bpb its meaning:
-the profile's numbers, EVAL_VERSION, the tokenizer hash (ranks, special tokens, pattern), the
+the profile's measurement numbers (PROFILE_FIELDS), EVAL_VERSION, the tokenizer hash (ranks, special tokens, pattern), the
 identity of the validation tokens actually scored (sha256 of the walked rows), and the source of
 this module and of the loader's validation walk. Runs with different fingerprints are never
 compared.
@@ -24,7 +24,6 @@ compared.
 import hashlib
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,14 @@ from .data.errors import DataError
 DEFAULT_MAX_LOGITS_BYTES = 512 * 2**20
 LOGIT_BYTES = 4                          # float32 logits
 FINGERPRINT_CHARS = 16
+# The profile fields that define the measurement (recipe_overrides shape the model, not the metric).
+PROFILE_FIELDS = ("name", "time_budget", "max_seq_len", "vocab_size", "eval_tokens")
 DIGEST_ROWS = 64                         # rows per read while hashing the walk (does not affect the hash)
+
+
+def measured(profile) -> dict:
+    """The profile's measurement numbers: two profiles with equal ones give comparable val_bpb."""
+    return {k: getattr(profile, k) for k in PROFILE_FIELDS}
 
 
 def eval_rows(profile) -> int:
@@ -118,7 +124,7 @@ def contract_parts(profile, tokenizer_hash: str, validation_sha256: str, eval_co
                    eval_version: int = EVAL_VERSION) -> dict:
     """The ingredients of the fingerprint, as recorded in run records and receipts."""
     return {
-        "profile": asdict(profile),
+        "profile": measured(profile),
         "eval_version": eval_version,
         "tokenizer": tokenizer_hash,
         "validation": validation_sha256,

@@ -158,6 +158,8 @@ def test_fingerprint_changes_with_each_ingredient(tiny_dataset):
     variants += [fp(version=parts["eval_version"] + 1), fp(tok="0" * 64), fp(val="1" * 64), fp(code="2" * 64)]
     assert len(set(variants)) == len(variants)
     assert variants[0] == tiny_dataset.contract[0]
+    # Recipe overrides change the model a profile trains, not what val_bpb means.
+    assert fp(profile=replace(TINY_PROFILE, recipe_overrides=(("DEPTH", 2),))) == variants[0]
 
 
 def test_eval_code_hash_covers_this_module_and_the_walk():

@@ -11,7 +11,6 @@ opening checks that the manifest, the tokenizer and the token shards agree; any 
 DataError that says which file and which command fixes it.
 """
 import json
-from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 
@@ -45,16 +44,22 @@ def read_manifest(directory) -> dict | None:
 
 
 def profile_from_manifest(m: dict, where: Path) -> Profile:
+    """The manifest's profile; for a named contract profile, today's constants (checked to match)."""
+    from ..evaluate import measured
+
     try:
         profile = Profile(**m["profile"])
     except (KeyError, TypeError) as e:
         raise DataError(f"{where}: manifest has no valid profile; re-run prepare with --force") from e
     known = PROFILES.get(profile.name)
-    if known is not None and known != profile:
+    if known is None:
+        return profile
+    if measured(known) != measured(profile):
         raise DataError(f"{where} was prepared under different '{profile.name}' contract numbers "
-                        f"({asdict(profile)}) than mlx_ar.constants now has ({asdict(known)}); "
+                        f"({measured(profile)}) than mlx_ar.constants now has ({measured(known)}); "
                         "re-run prepare with --force")
-    return profile
+    # Recipe overrides are not part of the data; the current constants decide them.
+    return known
 
 
 class Dataset:

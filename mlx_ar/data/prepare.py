@@ -161,6 +161,16 @@ def _atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _same_profile(manifest: dict, profile) -> bool:
+    from ..constants import Profile
+    from ..evaluate import measured
+
+    try:
+        return measured(Profile(**manifest.get("profile", {}))) == measured(profile)
+    except TypeError:
+        return False
+
+
 def prepare_dataset(source, out_dir, profile, *, name: str | None = None, force: bool = False,
                     threads: int = DEFAULTS.threads, log=_log, stream=None) -> dict:
     """Build the dataset for `source` in `out_dir` under `profile`; return its manifest.
@@ -179,7 +189,7 @@ def prepare_dataset(source, out_dir, profile, *, name: str | None = None, force:
     name = name or out.name
     existing = read_manifest(out) if (out / MANIFEST).exists() else None
     if existing is not None and not force:
-        if existing.get("source") == source.config and existing.get("profile") == asdict(profile):
+        if existing.get("source") == source.config and _same_profile(existing, profile):
             log(f"dataset '{name}' is already prepared in {out} (pass --force to rebuild it)")
             return existing
         raise DataError(f"{out} already holds dataset '{name}' prepared from other settings "

@@ -124,9 +124,9 @@ def _jsonl_docs(path: Path, log) -> Iterator[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), (str, type(None))):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text", 0), (str, type(None))):
             raise DataError(f"{path}:{lineno}: expected an object with a string field `text`")
-        yield obj.get("text")
+        yield obj["text"]
 
 
 @dataclass
