@@ -157,7 +157,10 @@ def config_tier_problems(old: dict, new: dict) -> list[str]:
         try:
             da, _, na = _skeleton(a, path)
             db, lb, nb = _skeleton(b, path)
-        except (SyntaxError, RecipeError, UnicodeDecodeError) as e:
+        except SyntaxError as e:
+            problems.append(f"{path}:{e.lineno}: syntax error: {e.msg}")
+            continue
+        except (RecipeError, UnicodeDecodeError) as e:
             problems.append(f"{path}: {e}")
             continue
         if na != nb:

@@ -257,8 +257,9 @@ def assess(child: ChildResult, record_path, seed: int, objective: str = "val_bpb
     oom = looks_like_oom(log_text, (record or {}).get("reason"))
 
     def fail(reason):
-        if oom and "out of memory" not in reason.lower():
-            reason = f"out of memory: {oom} ({reason})"
+        if oom and not reason.lower().startswith("out of memory"):
+            # Name the failure class first; keep the original words when they already say it.
+            reason = f"out of memory: {reason}" if looks_like_oom(reason) else f"out of memory: {oom} ({reason})"
         out.reason = " ".join(str(reason).split())[:500]
         return out
 
