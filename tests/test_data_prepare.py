@@ -296,3 +296,10 @@ def test_root_prepare_py_is_the_same_command(data_cache):
     res = subprocess.run([sys.executable, "prepare.py", "--source", "local"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2 and "--source local needs a directory" in res.stderr
     assert "Usage: prepare.py" in res.stderr
+
+
+def test_prepare_command_module_stays_light():
+    code = ("import sys, mlx_ar.data.prepare, mlx_ar.data; "
+            "print(sorted(m for m in ('numpy', 'pyarrow', 'tiktoken', 'rustbpe', 'mlx') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr

@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from ..constants import CLIMBMIX_BASE_URL, CLIMBMIX_DEFAULT_SHARDS, CLIMBMIX_VAL_SHARD, DEMO, REAL
+from .download import DEFAULTS as DOWNLOAD_DEFAULTS
 from .errors import DataError
 
 SOURCES = ("climbmix", "local", "demo")
@@ -33,7 +34,7 @@ class PrepareDefaults:
     source: str = "climbmix"
     num_shards: int = CLIMBMIX_DEFAULT_SHARDS
     base_url: str = CLIMBMIX_BASE_URL
-    workers: int = 8                              # parallel downloads
+    workers: int = DOWNLOAD_DEFAULTS.workers     # parallel downloads
     threads: int = max(1, os.cpu_count() or 1)   # tokenizer threads
 
 
@@ -295,9 +296,11 @@ def prepare_command(ctx, directory, source, dir_opt, val_files, num_shards, base
     profile = profile_for(source)
     try:
         if source == "climbmix":
-            from .download import DEFAULTS as DL, DownloadSettings, download_shards
+            from dataclasses import replace
 
-            settings = DownloadSettings(workers=workers, retries=DL.retries, backoff=DL.backoff, timeout=DL.timeout)
+            from .download import download_shards
+
+            settings = replace(DOWNLOAD_DEFAULTS, workers=workers)
             download_shards(list(range(num_shards)) + [CLIMBMIX_VAL_SHARD], out / "raw", base_url, settings, log=_log)
             src = climbmix_source(out / "raw", num_shards)
         elif source == "local":
