@@ -38,6 +38,7 @@ RECEIPT_FIELDS = (
     "metrics", "executed_files", "started_at", "finished_at",
     # added by the research loop: which seed runs, what the gate saw, where it ran
     "attempt_commit", "surface_sha", "tier", "gate", "runs", "worker", "contract_parts", "versions",
+    "campaign",
 )
 
 

@@ -324,6 +324,8 @@ class _Attempt:
         child = self.runner(cmd, cwd=self.ctx.root, log_path=log, timeout_s=self.c.timeout_s,
                             env=worker_env(self.ctx.meta, self.c.backend), heartbeat=beat)
         out = assess(child, record, seed, self.c.objective)
+        # Receipts are committed and compared across machines: paths relative to the worktree.
+        out.log_path, out.record_path = (str(x.relative_to(self.ctx.root)) for x in (log, record))
         if out.status == "ok":
             v = out.metrics.get(self.c.objective)
             self.echo(f"  {self.c.objective} {v:.6f}  ({out.metrics.get('tok_per_sec')} tok/s, "

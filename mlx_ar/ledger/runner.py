@@ -63,10 +63,10 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = KILL_GRACE_S) -> None:
 
 
 def run_child(cmd, *, cwd, log_path, timeout_s: float, env: dict | None = None, heartbeat=None,
-              tee=None, clock=time.monotonic, poll_s: float = 0.1) -> ChildResult:
+              tee=None, clock=time.monotonic, poll_s: float = 0.1, heartbeat_s: float = HEARTBEAT_S) -> ChildResult:
     """Run `cmd` in `cwd` with stdout+stderr going to `log_path`; kill its group after `timeout_s`.
 
-    `heartbeat(elapsed_s, last_line)` is called about every HEARTBEAT_S seconds, `tee(bytes)`
+    `heartbeat(elapsed_s, last_line)` is called about every `heartbeat_s` seconds, `tee(bytes)`
     with every chunk of output (a verbose terminal). KeyboardInterrupt kills the child's
     group and is re-raised once the child is gone.
     """
@@ -96,7 +96,7 @@ def run_child(cmd, *, cwd, log_path, timeout_s: float, env: dict | None = None, 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         timed_out = False
-        next_beat = start + HEARTBEAT_S
+        next_beat = start + heartbeat_s
         try:
             while True:
                 try:
@@ -110,7 +110,7 @@ def run_child(cmd, *, cwd, log_path, timeout_s: float, env: dict | None = None, 
                     _kill_group(proc)
                     break
                 if heartbeat is not None and now >= next_beat:
-                    next_beat = now + HEARTBEAT_S
+                    next_beat = now + heartbeat_s
                     heartbeat(now - start, last["line"].decode(errors="replace").strip())
         except BaseException:  # Ctrl-C (KeyboardInterrupt) or a signal turned into an exception
             _kill_group(proc)
