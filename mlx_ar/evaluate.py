@@ -143,6 +143,6 @@ def contract_fingerprint(ds) -> tuple[str, dict]:
     recorded = ds.manifest.get("validation_walk", {}).get("sha256")
     if recorded != digest:
         raise DataError(f"the validation tokens of '{ds.name}' differ from those recorded when it was prepared "
-                        f"(in {ds.dir}); re-run prepare with --force")
+                        f"(in {ds.dir}); {getattr(ds, 'rebuild_hint', 're-run prepare with --force')}")
     parts = contract_parts(profile, ds.tokenizer.hash, digest)
     return fingerprint(parts), parts

@@ -73,12 +73,14 @@ def test_resume_skips_valid_shards_and_refetches_truncated_ones(tmp_path, shard_
     good, cut = climbmix_shard_name(0), climbmix_shard_name(1)
     (tmp_path / good).write_bytes(shard_bytes[good])
     (tmp_path / cut).write_bytes(shard_bytes[cut][:-100])  # an interrupted copy under the final name
+    (tmp_path / f"{cut}.99999.tmp").write_bytes(b"partial")  # left by a killed run
     assert not shard_is_valid(tmp_path / cut)
     logs = []
     download_shards([0, 1], tmp_path, server.url, FAST, sleep=lambda s: None, log=logs.append, stream=io.StringIO())
     assert server.count(good) == 0 and server.count(cut) == 1
     assert (tmp_path / cut).read_bytes() == shard_bytes[cut]
     assert any("truncated or corrupt" in m for m in logs)
+    assert leftovers(tmp_path) == []
     # Nothing left to do on a second run: no request at all.
     download_shards([0, 1], tmp_path, server.url, FAST, sleep=lambda s: None, stream=io.StringIO())
     assert len(server.requests) == 1

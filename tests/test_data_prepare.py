@@ -172,7 +172,8 @@ def test_non_utf8_text_is_replaced_and_named(tmp_path):
     write_parquet(d / "z.parquet", prose_docs()[300:])
     logs = []
     build(local_source(d), tmp_path / "ds", log=logs.append)
-    assert any("b.txt is not valid UTF-8 (first bad byte at offset" in m and "U+FFFD" in m for m in logs)
+    warnings = [m for m in logs if "b.txt is not valid UTF-8 (first bad byte at offset 14)" in m and "U+FFFD" in m]
+    assert len(warnings) == 1, "the file is read twice (BPE training, tokenizing) but warned about once"
     ds = Dataset(tmp_path / "ds")
     table = ds.split_table("train")
     text = ds.tokenizer.decode(table.doc(table.num_docs - 1)[1:])
@@ -202,8 +203,10 @@ def copy_of(ds, tmp_path):
 def test_missing_or_mismatched_tokenizer(tiny_dataset, tmp_path):
     d = copy_of(tiny_dataset, tmp_path)
     (d / "tokenizer" / "ranks.txt").unlink()
-    with pytest.raises(DataError, match=r"tokenizer file missing: .*ranks\.txt.*prepare\.py --force"):
-        Dataset(d)
+    with pytest.raises(DataError, match=r"tokenizer file missing: .*ranks\.txt") as e:
+        Dataset(d, "tiny")
+    assert f"python prepare.py --source local {tiny_dataset.manifest['source']['dir']} --val-file part_3.parquet " \
+           "--name tiny --force" in str(e.value)
     # A valid tokenizer, but not the one the shards were made with.
     from mlx_ar.data.tokenizer import train_tokenizer
 

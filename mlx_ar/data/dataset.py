@@ -43,21 +43,36 @@ def read_manifest(directory) -> dict | None:
     return m
 
 
-def profile_from_manifest(m: dict, where: Path) -> Profile:
+def rebuild_command(m: dict, name: str) -> str:
+    """The prepare command that rebuilds this dataset from the same source."""
+    src = m.get("source", {}) if isinstance(m, dict) else {}
+    kind = src.get("source")
+    if kind == "climbmix":
+        args = f"--source climbmix --num-shards {src.get('num_shards')}"
+    elif kind == "local":
+        args = f"--source local {src.get('dir')}" + "".join(f" --val-file {v[0]}" for v in src.get("val", []))
+    elif kind == "demo":
+        args = "--source demo"
+    else:
+        args = "--source ..."
+    default = {"climbmix": "climbmix", "demo": "demo"}.get(kind, f"local-{Path(str(src.get('dir'))).name}")
+    return f"`python prepare.py {args}{'' if name == default else f' --name {name}'} --force`"
+
+
+def profile_from_manifest(m: dict, where: Path, fix: str = "re-run prepare with --force") -> Profile:
     """The manifest's profile; for a named contract profile, today's constants (checked to match)."""
     from ..evaluate import measured
 
     try:
         profile = Profile(**m["profile"])
     except (KeyError, TypeError) as e:
-        raise DataError(f"{where}: manifest has no valid profile; re-run prepare with --force") from e
+        raise DataError(f"{where}: manifest has no valid profile; {fix}") from e
     known = PROFILES.get(profile.name)
     if known is None:
         return profile
     if measured(known) != measured(profile):
         raise DataError(f"{where} was prepared under different '{profile.name}' contract numbers "
-                        f"({measured(profile)}) than mlx_ar.constants now has ({measured(known)}); "
-                        "re-run prepare with --force")
+                        f"({measured(profile)}) than mlx_ar.constants now has ({measured(known)}); {fix}")
     # Recipe overrides are not part of the data; the current constants decide them.
     return known
 
@@ -74,14 +89,19 @@ class Dataset:
             raise DataError(f"dataset '{self.name}' is not prepared ({self.dir / MANIFEST} missing: prepare "
                             f"{state}); {NO_DATA_HINT}")
         self.manifest = m
-        self.profile = profile_from_manifest(m, self.dir / MANIFEST)
+        fix = f"rebuild it with {rebuild_command(m, self.name)}"
+        self.rebuild_hint = fix
+        self.profile = profile_from_manifest(m, self.dir / MANIFEST, fix)
         for split in SPLITS:
             if not m.get("splits", {}).get(split, {}).get("files"):
-                raise DataError(f"{self.dir / MANIFEST} lists no {split} split; re-run prepare with --force")
-        self.tokenizer = load_tokenizer(self.dir / TOKENIZER_DIR, vocab_size=self.profile.vocab_size)
+                raise DataError(f"{self.dir / MANIFEST} lists no {split} split; {fix}")
+        try:
+            self.tokenizer = load_tokenizer(self.dir / TOKENIZER_DIR, vocab_size=self.profile.vocab_size)
+        except DataError as e:
+            raise DataError(f"{e} ({fix})") from e
         if self.tokenizer.hash != m.get("tokenizer", {}).get("hash"):
             raise DataError(f"the tokenizer in {self.dir / TOKENIZER_DIR} is not the one the token shards were "
-                            "made with; re-run prepare with --force")
+                            f"made with; {fix}")
         self.vocab_size: int = self.tokenizer.vocab_size
         self.bos_id: int = self.tokenizer.bos_id
         self._tables: dict = {}
@@ -100,8 +120,11 @@ class Dataset:
             from .shards import load_shard
 
             files = self.manifest["splits"][split]["files"]
-            shards = [load_shard(self.dir / TOKENS_DIR, split, i, self.bos_id, f["tokens"], f["docs"])
-                      for i, f in enumerate(files)]
+            try:
+                shards = [load_shard(self.dir / TOKENS_DIR, split, i, self.bos_id, f["tokens"], f["docs"])
+                          for i, f in enumerate(files)]
+            except DataError as e:
+                raise DataError(f"{e} ({self.rebuild_hint})") from e
             self._tables[split] = DocTable(shards)
         return self._tables[split]
 

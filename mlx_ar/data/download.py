@@ -95,6 +95,9 @@ def download_shards(indices, raw_dir, base_url: str, settings: DownloadSettings 
     """Make sure shard_{i:05d}.parquet exists and is valid for every index; return their paths."""
     raw = Path(raw_dir)
     raw.mkdir(parents=True, exist_ok=True)
+    # Partial files of a killed earlier run (one prepare per dataset runs at a time).
+    for stale in raw.glob("*.parquet.*.tmp"):
+        stale.unlink(missing_ok=True)
     paths, todo = [], []
     for i in indices:
         dest = raw / climbmix_shard_name(i)

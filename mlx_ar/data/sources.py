@@ -93,7 +93,8 @@ def open_parquet(path: Path):
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: corrupt or truncated parquet file ({e}); delete it and re-run prepare") from e
+        raise DataError(f"{path}: corrupt or truncated parquet file ({e}); replace it (a downloaded shard: "
+                        "delete it and prepare fetches it again) and re-run prepare") from e
     names = pf.schema_arrow.names
     if "text" not in names:
         raise DataError(f"{path} has no `text` column (columns: {', '.join(names) or 'none'}); "
@@ -112,7 +113,8 @@ def _parquet_docs(path: Path) -> Iterator[str]:
         for batch in pf.iter_batches(batch_size=READ_BATCH_DOCS, columns=["text"]):
             yield from batch.column(0).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: corrupt parquet data ({e}); delete it and re-run prepare") from e
+        raise DataError(f"{path}: corrupt parquet data ({e}); replace it (a downloaded shard: delete it and "
+                        "prepare fetches it again) and re-run prepare") from e
 
 
 def _jsonl_docs(path: Path, log) -> Iterator[str]:
@@ -136,7 +138,8 @@ class SourceFile:
     name: str
     path: Path | None = None
     docs: list[str] | None = None
-    stats: dict = field(default_factory=dict)   # filled while reading: docs, empty, bytes
+    stats: dict = field(default_factory=dict)   # filled by a full read: docs, empty
+    _warned: set = field(default_factory=set, repr=False)
 
     @property
     def kind(self) -> str:
@@ -150,6 +153,7 @@ class SourceFile:
 
     def documents(self, log: Callable[[str], None] = lambda msg: None) -> Iterator[str]:
         """Every non-empty document in file order; blank ones are counted in stats['empty']."""
+        log = self._once(log)
         if self.path is None:
             raw = iter(self.docs)
         elif self.kind == "parquet":
@@ -168,6 +172,14 @@ class SourceFile:
             docs += 1
             yield d
         self.stats.update(docs=docs, empty=empty)
+
+    def _once(self, log):
+        """`log`, but each distinct warning only once per file however often the file is read."""
+        def once(msg):
+            if msg not in self._warned:
+                self._warned.add(msg)
+                log(msg)
+        return once
 
     def batches(self, log: Callable[[str], None] = lambda msg: None, size: int = READ_BATCH_DOCS):
         return _batched(self.documents(log), size)
