@@ -58,7 +58,7 @@ def profile_for(source: str):
 
 # --- the pipeline -----------------------------------------------------------------------------
 def _train_tokenizer(source, profile, log, stream=None):
-    from ..constants import TOKENIZER_DOC_CHARS, TOKENIZER_TOTAL_CHARS
+    from ..constants import SPECIAL_TOKENS, TOKENIZER_DOC_CHARS, TOKENIZER_TOTAL_CHARS
     from .progress import Progress
     from .tokenizer import ROUND_TRIP_DOCS, capped_texts, train_tokenizer
 
@@ -74,11 +74,13 @@ def _train_tokenizer(source, profile, log, stream=None):
         for piece in it:
             bar.update(len(piece), note=f"{stats.get('docs', 0)} docs")
             yield piece
+        # Runs once the text is used up; the merge phase that follows has no progress of its own.
+        bar.close(note=f"{stats.get('docs', 0)} docs")
+        log(f"learning {profile.vocab_size - 256 - len(SPECIAL_TOKENS)} BPE merges ...")
 
     t0 = time.perf_counter()
     tok = train_tokenizer(counted(capped_texts(texts(), TOKENIZER_DOC_CHARS, TOKENIZER_TOTAL_CHARS, stats)),
                           profile.vocab_size)
-    bar.close(note=f"{stats.get('docs', 0)} docs")
     seconds = time.perf_counter() - t0
     log(f"trained BPE vocab {tok.vocab_size} on {stats.get('chars', 0):,} chars of {stats.get('docs', 0):,} "
         f"training documents in {seconds:.1f}s")
