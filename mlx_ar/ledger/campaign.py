@@ -29,6 +29,15 @@ GATES = ("single", "significance")
 TIERS = ("config", "code")
 DIRECTIONS = ("min", "max")
 BACKENDS = ("mlx", "cuda")
+# Parts of the mutable surface a backend does NOT execute: "code" = everything but the recipe
+# constants, "all" = the whole file. A candidate that changes such a part is refused before
+# any budget is spent, so a receipt never reports a change that did not run. (When the torch
+# model file lands with the cuda backend, it becomes {"mlx": {<that file>: "all"}, ...} and
+# joins the cuda campaign's `mutable` list.)
+INERT_PARTS = {
+    "mlx": {},
+    "cuda": {"train.py": "code"},  # the torch twin reads train.py's recipe, never its MLX model
+}
 
 
 class CampaignError(ValueError):

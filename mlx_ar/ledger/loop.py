@@ -180,6 +180,28 @@ def config_tier_problems(old: dict, new: dict) -> list[str]:
     return problems
 
 
+def inert_problems(backend: str, old: dict, new: dict) -> str | None:
+    """Why the change touches code `backend` does not execute (see campaign.INERT_PARTS), or None."""
+    from .campaign import INERT_PARTS
+
+    found = []
+    for path, part in INERT_PARTS.get(backend, {}).items():
+        a, b = old.get(path), new.get(path)
+        if a == b or path not in new:
+            continue
+        if part == "all":
+            found.append(f"{path} (the {backend} backend does not execute it)")
+        else:
+            problems = config_tier_problems({path: a}, {path: b})
+            if problems:
+                found.append(f"{path} outside its recipe constants (the {backend} backend reads only the "
+                             f"recipe of {path}): {problems[0]}")
+    if not found:
+        return None
+    return ("the change would not run: it edits " + "; ".join(found)
+            + ". Revert that part; edit only what this backend executes (see program.md)")
+
+
 def syntax_problem(files: dict) -> str | None:
     for path, data in sorted(files.items()):
         if data is not None and path.endswith(".py"):
@@ -558,12 +580,15 @@ def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=
                         f"({prior['status']}" + (f", {c.objective} {v:.6f}" if v is not None else "")
                         + "); edit it first")
     champ = champion(receipts, c.objective, c.sign, c.allow_smoke)
+    ref_files = git_ops.read_commit(ctx.repo, champ["commit"], c.mutable) if champ else a.base_files
     if c.tier == "config" and champ is not None:
-        ref = git_ops.read_commit(ctx.repo, champ["commit"], c.mutable)
-        problems = config_tier_problems(ref, worktree)
+        problems = config_tier_problems(ref_files, worktree)
         if problems:
             return a.refuse("config tier: only the recipe constants may change, but "
                             + "; ".join(problems[:5]) + ". Revert the code edit (or set tier = \"code\")")
+    inert = inert_problems(c.backend, ref_files, worktree)
+    if inert:
+        return a.refuse(inert)
     if not a.description:
         return a.refuse('no description: say what changed with -m "..."')
     if c.gate == "significance" and champ is not None and not noise_measurements(noise):
