@@ -305,3 +305,13 @@ def test_prepare_command_module_stays_light():
             "print(sorted(m for m in ('numpy', 'pyarrow', 'tiktoken', 'rustbpe', 'mlx') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr
+
+
+def test_cli_climbmix_reports_a_failed_download(data_cache, tmp_path, shard_server):
+    p = write_parquet(tmp_path / climbmix_shard_name(0), prose_docs(20))
+    server = shard_server({p.name: p.read_bytes()})  # the validation shard is missing on this mirror
+    res = CliRunner().invoke(prepare_command, ["--num-shards", "1", "--base-url", server.url, "--workers", "2"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "shard_06542.parquet" in res.output and "HTTP 404" in res.output
+    raw = paths.dataset_dir("climbmix") / "raw"
+    assert sorted(f.name for f in raw.iterdir()) == [climbmix_shard_name(0)], "the good shard is kept for resuming"
