@@ -216,8 +216,28 @@ class GPT(nn.Module):
 
     def token_losses(self, idx, targets):
         """Per-token cross-entropy in nats, float32 (B, T)."""
-        z = self.logits(idx)
-        return mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+        return softcap_cross_entropy(self.lm_head(self.hidden(idx)), targets)
+
+
+@mx.custom_function
+def softcap_cross_entropy(z, targets):
+    """Cross-entropy (nats, float32) of soft-capped logits, from the raw bf16 logits z (B, T, V).
+
+    The hand-written gradient keeps only z alive for the backward pass and recomputes the rest,
+    so a step holds one bf16 copy of the logits instead of several float32 ones.
+    """
+    zc = LOGIT_SOFTCAP * mx.tanh(z.astype(mx.float32) / LOGIT_SOFTCAP)
+    return mx.logsumexp(zc, axis=-1) - mx.take_along_axis(zc, targets[..., None], axis=-1)[..., 0]
+
+
+@softcap_cross_entropy.vjp
+def _softcap_cross_entropy_vjp(primals, cotangent, output):
+    z, targets = primals
+    th = mx.tanh(z.astype(mx.float32) / LOGIT_SOFTCAP)
+    p = mx.softmax(LOGIT_SOFTCAP * th, axis=-1)
+    onehot = mx.arange(z.shape[-1]) == targets[..., None]
+    dz = cotangent[..., None] * (p - onehot) * (1 - th * th)
+    return dz.astype(z.dtype), mx.zeros_like(targets)
 
 
 def build_model(vocab_size, seq_len):
