@@ -392,3 +392,13 @@ def test_cuda_refuses_edits_to_code_it_does_not_run(repo):
     (repo / "train.py").write_text(src)
     edit(repo, VALUE=0.7)  # the recipe is read by every backend
     assert run(repo, "recipe edit", c).status == "keep"
+
+
+def test_tok_per_sec_veto_is_relative_to_the_branch_baseline(repo):
+    c = campaign(min_tok_per_sec_ratio=0.7, throttle_ratio=0.0)
+    run(repo, "baseline", c)                       # 1000 tok/s
+    edit(repo, VALUE=0.5, TOK_PER_SEC=600)
+    r = run(repo, "slow but good", c)
+    assert r.status == "discard" and "veto: 600 tok/s < 0.7 x the branch baseline's 1000" in r.reason
+    edit(repo, VALUE=0.5, TOK_PER_SEC=800)
+    assert run(repo, "a bit slower", c).status == "keep"

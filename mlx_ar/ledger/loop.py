@@ -343,8 +343,10 @@ class _Attempt:
         cmd = self.c.command(record, seed)
         self.echo(f"run {i}: seed {seed}, log {log.relative_to(self.ctx.root)} (limit {self.c.timeout_s:.0f} s)")
         beat = lambda s, line: self.echo(f"  {s:5.0f} s  {line[:110]}")  # noqa: E731
-        child = self.runner(cmd, cwd=self.ctx.root, log_path=log, timeout_s=self.c.timeout_s,
-                            env=worker_env(self.ctx.meta, self.c.backend), heartbeat=beat)
+        # MLX_AR_RUN_DIR: where this run may put checkpoints or extra files (unique per run and worker).
+        env = {**worker_env(self.ctx.meta, self.c.backend), "MLX_AR_RUN_DIR": str(d)}
+        child = self.runner(cmd, cwd=self.ctx.root, log_path=log, timeout_s=self.c.timeout_s, env=env,
+                            heartbeat=beat)
         out = assess(child, record, seed, self.c.objective)
         # Receipts are committed and compared across machines: paths relative to the worktree.
         out.log_path, out.record_path = (str(x.relative_to(self.ctx.root)) for x in (log, record))
