@@ -402,3 +402,22 @@ def test_tok_per_sec_veto_is_relative_to_the_branch_baseline(repo):
     assert r.status == "discard" and "veto: 600 tok/s < 0.7 x the branch baseline's 1000" in r.reason
     edit(repo, VALUE=0.5, TOK_PER_SEC=800)
     assert run(repo, "a bit slower", c).status == "keep"
+
+
+def test_run_that_executed_other_code_is_a_crash(repo):
+    from mlx_ar.ledger.runner import run_child
+
+    run(repo, "baseline")
+    edit(repo, VALUE=0.5)
+
+    def runner(cmd, **kw):  # the agent edits train.py while it is starting
+        child = run_child(cmd, **kw)
+        record = Path(cmd[cmd.index("--record") + 1])
+        data = json.loads(record.read_text())
+        data["executed_files"] = {"train.py": "0" * 64}
+        record.write_text(json.dumps(data))
+        return child
+
+    r = run(repo, "raced", runner=runner)
+    assert r.status == "crash" and "executed a different train.py" in r.reason
+    assert_consistent(repo)

@@ -125,6 +125,11 @@ def diff_text(old: dict, new: dict) -> str:
     return "".join(line if line.endswith("\n") else line + "\n" for line in parts)
 
 
+def changed_paths(repo, a: str, b: str) -> list[str]:
+    """Paths that differ between commits `a` and `b`."""
+    return _git(repo, "diff", "--name-only", a, b).splitlines()
+
+
 # --- status ----------------------------------------------------------------------------------
 def status_paths(repo) -> list[str]:
     """Paths that differ from HEAD in the index or the working tree, untracked files included

@@ -202,6 +202,18 @@ def inert_problems(backend: str, old: dict, new: dict) -> str | None:
             + ". Revert that part; edit only what this backend executes (see program.md)")
 
 
+def executed_mismatch(executed: dict | None, files: dict) -> str | None:
+    """Why the run did not execute the candidate's files (by the record's sha256s), or None."""
+    import hashlib
+
+    for path, digest in (executed or {}).items():
+        data = files.get(path)
+        if data is not None and digest and hashlib.sha256(data).hexdigest() != digest:
+            return (f"the run executed a different {path} than the candidate (sha256 {digest[:12]}...): "
+                    "was it edited during the run?")
+    return None
+
+
 def syntax_problem(files: dict) -> str | None:
     for path, data in sorted(files.items()):
         if data is not None and path.endswith(".py"):
@@ -350,6 +362,10 @@ class _Attempt:
         out = assess(child, record, seed, self.c.objective)
         # Receipts are committed and compared across machines: paths relative to the worktree.
         out.log_path, out.record_path = (str(x.relative_to(self.ctx.root)) for x in (log, record))
+        if out.status == "ok":
+            wrong = executed_mismatch((out.record or {}).get("executed_files"), self.cand_files)
+            if wrong:
+                out.status, out.reason = "fail", wrong
         if out.status == "ok":
             v = out.metrics.get(self.c.objective)
             self.echo(f"  {self.c.objective} {v:.6f}  ({out.metrics.get('tok_per_sec')} tok/s, "
@@ -560,7 +576,7 @@ def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=
             and info["parents"] and git_ops.has_ledger_commit(ctx.repo, head)):
         # HEAD was committed by hand (or by `mlx-ar transplant`) on top of the ledger: score it.
         parent = info["parents"][0]
-        changed = git_ops._git(ctx.repo, "diff", "--name-only", parent, head).splitlines()
+        changed = git_ops.changed_paths(ctx.repo, parent, head)
         outside = [p for p in changed if p not in c.mutable]
         if outside:
             return a.refuse(f"HEAD ({head[:7]}) changes files outside the mutable surface: {', '.join(outside)}; "
