@@ -82,6 +82,9 @@ def run_command(message, campaign_path, seed, gate, verbose):
     except Interrupted as e:
         _print_result(e.result, campaign)
         sys.exit(130)
+    except KeyboardInterrupt:  # before a candidate existed: there was nothing to record
+        _echo_err("interrupted before the experiment started; nothing was run or recorded")
+        sys.exit(130)
     _print_result(result, campaign)
     sys.exit(result.exit_code)
 
