@@ -371,6 +371,7 @@ def test_cli_run_and_results(repo, monkeypatch):
     res = cli.invoke(results_command, [])
     assert res.exit_code == 0
     assert "keep 1  discard 1  crash 0  refused 1" in res.output and "best:     1.000000" in res.output
+    assert "dirty  [files outside the mutable surface (train.py) are changed: README.md." in res.output
     res = cli.invoke(results_command, ["--json"])
     data = json.loads(res.output)
     assert data["counts"]["keep"] == 1 and data["best"]["val_bpb"] == 1.0 and len(data["rows"]) == 3
@@ -421,3 +422,20 @@ def test_run_that_executed_other_code_is_a_crash(repo):
     r = run(repo, "raced", runner=runner)
     assert r.status == "crash" and "executed a different train.py" in r.reason
     assert_consistent(repo)
+
+
+def test_cli_noise_reports_the_floor(repo, monkeypatch):
+    from mlx_ar.ledger.cli import noise_command, run_command
+
+    edit(repo, NOISE=0.004)
+    (repo / "campaign.toml").write_text("time_budget = 1\neval_allowance = 3\ngate = 'significance'\n")
+    git(repo, "add", "campaign.toml", "train.py")
+    git(repo, "commit", "-q", "-m", "noisy fake, campaign")
+    monkeypatch.chdir(repo)
+    cli = CliRunner()
+    assert cli.invoke(run_command, ["-m", "baseline"]).exit_code == 0
+    res = cli.invoke(noise_command, ["-k", "3"])
+    assert res.exit_code == 0, res.output
+    assert "noise floor: sd 0.00" in res.output and "over 4 runs" in res.output
+    assert "by the single gate" in res.output and "significance gate keeps a true gain" in res.output
+    assert git(repo, "status", "--porcelain") == ""

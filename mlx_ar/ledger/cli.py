@@ -155,6 +155,8 @@ def results_command(as_json, last):
 
     ctx = _fail_on_setup_errors(lambda: open_context(Path.cwd()))
     rows = _fail_on_setup_errors(ctx.ledger.rows)
+    reasons = {r["_path"]: r.get("reason") for r in _fail_on_setup_errors(ctx.ledger.receipts)}
+    rows = [{**r, "reason": reasons.get(r.get("receipt"))} for r in rows]
     summary = summarize(rows, _fail_on_setup_errors(ctx.ledger.noise))
     if as_json:
         click.echo(json.dumps({**summary, "branch": ctx.ledger_branch, "rows": rows}, indent=2))

@@ -40,7 +40,10 @@ def summarize(rows: list[dict], noise: dict | None = None) -> dict:
 
 
 def format_results(summary: dict, rows: list[dict], last: int | None = None) -> str:
-    """The human table: recent rows, then the summary and the kept trajectory."""
+    """The human table: recent rows, then the summary and the kept trajectory.
+
+    Rows may carry a "reason" (from their receipts); crash, refused and suspect rows show it.
+    """
     lines = []
     shown = rows if not last else rows[-last:]
     if shown:
@@ -49,6 +52,9 @@ def format_results(summary: dict, rows: list[dict], last: int | None = None) -> 
         for i, r in enumerate(shown, start + 1):
             desc = r.get("description") or ""
             desc = desc if len(desc) <= 60 else desc[:57] + "..."
+            if r.get("status") in ("crash", "refused", "suspect") and r.get("reason"):
+                why = r["reason"] if len(r["reason"]) <= 70 else r["reason"][:67] + "..."
+                desc = f"{desc}  [{why}]"
             who = f"[{r['worker']}] " if r.get("worker") not in ("", "main", None) else ""
             lines.append(f"{i:>4}  {r.get('commit', ''):7}  {r.get('val_bpb', ''):>9}  {r.get('memory_gb', ''):>6}  "
                          f"{r.get('status', ''):8} {r.get('n_runs', '') or '':>4}  {who}{desc}")
