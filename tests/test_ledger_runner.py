@@ -24,7 +24,7 @@ def test_child_output_goes_to_the_log(tmp_path):
                   heartbeat=lambda s, line: beats.append(line), heartbeat_s=0.15)
     assert (r.returncode, r.timed_out, r.last_line) == (3, False, "last line")
     assert (tmp_path / "a" / "train.log").read_text().split() == ["hello", "oops", "last", "line"]
-    assert beats and beats[0] == "oops"
+    assert "oops" in beats  # the latest line at some heartbeat during the sleep
 
 
 def test_timeout_kills_the_child_and_its_children(tmp_path):
