@@ -96,7 +96,10 @@ def _print_result(r, campaign):
     if m.get(obj) is not None:
         lines.append(f"{obj + ':':<14}{m[obj]:.6f}")
     if r.champion and r.champion.get("value") is not None:
-        lines.append(f"{'champion:':<14}{r.champion['value']:.6f} ({str(r.champion.get('commit'))[:7]})")
+        # What the gate compared against: the mean of all the champion's runs (noise runs included).
+        ref, n = r.gate.get("champion_mean", r.champion["value"]), r.gate.get("champion_n", 1)
+        lines.append(f"{'champion:':<14}{ref:.6f} ({str(r.champion.get('commit'))[:7]}"
+                     + (f", mean of {n} runs)" if n > 1 else ")"))
     if m.get("peak_vram_mb") is not None:
         lines.append(f"{'memory_gb:':<14}{m['peak_vram_mb'] / 1024:.1f}")
     if m.get("tok_per_sec") is not None:
