@@ -439,3 +439,31 @@ def test_cli_noise_reports_the_floor(repo, monkeypatch):
     assert "noise floor: sd 0.00" in res.output and "over 4 runs" in res.output
     assert "by the single gate" in res.output and "significance gate keeps a true gain" in res.output
     assert git(repo, "status", "--porcelain") == ""
+
+
+def test_attempt_of_a_killed_loop_is_recorded_next_time(repo, tmp_path):
+    (repo / "campaign.toml").write_text("time_budget = 30\neval_allowance = 30\n")
+    git(repo, "add", "campaign.toml")
+    git(repo, "commit", "-q", "-m", "campaign")
+    run(repo, "baseline", campaign(time_budget=30))
+    edit(repo, VALUE=0.5, MODE="hang")
+    pid_file = tmp_path / "child.pid"
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_ar.cli", "run", "-m", "killed"], cwd=repo,
+                            env=dict(os.environ, FAKE_PID_FILE=str(pid_file)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no bookkeeping at all
+    proc.wait()
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)  # the orphaned training child
+    assert len(rows(repo)) == 1
+
+    edit(repo, MODE="ok")
+    r = run(repo, "after the kill", campaign(time_budget=30))
+    assert any("recorded 1 attempt(s) whose mlx-ar process died" in n for n in r.notes)
+    lost = receipts(repo)[1]
+    assert lost["status"] == "crash" and lost["reason"].startswith("lost:") and lost["description"] == "killed"
+    assert "+VALUE = 0.5 " in lost["diff"] and "+MODE = 'hang'" in lost["diff"]
+    assert [x["status"] for x in rows(repo)] == ["keep", "crash", "keep"]
+    assert_consistent(repo, r.commit)

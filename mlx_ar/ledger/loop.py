@@ -21,6 +21,7 @@ loop with fake train.py scripts and without waiting.
 """
 import ast
 import math
+import os
 import platform
 import signal
 import threading
@@ -31,10 +32,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import git_ops
-from .format import LEDGER_COMMIT_PREFIX, NOISE_FILE, NOISE_SCHEMA, RECEIPT_SCHEMA, RECEIPTS_DIR, RESULTS_FILE, sanitize
+from .format import (LEDGER_COMMIT_PREFIX, NOISE_FILE, NOISE_SCHEMA, RECEIPT_SCHEMA, RECEIPTS_DIR, RESULTS_FILE,
+                     receipt_name, sanitize)
 from .gate import GateSettings, Verdict, decide, mean, std
-from .ledger import (Ledger, champion, find_scored, noise_measurements, ok_values, samples_of, usual_rate,
-                     variance_groups)
+from .ledger import (Ledger, atomic_write, champion, dump_json, find_scored, noise_measurements, samples_of,
+                     usual_rate, variance_groups)
 from .runner import RunOutcome, assess, run_child
 
 EXIT_CODES = {"keep": 0, "discard": 0, "crash": 1, "refused": 2}
@@ -338,6 +340,17 @@ class _Attempt:
         self.echo(f"refused: {reason}")
         return AttemptResult("refused", reason, seq, rel, head, notes=self.notes, interrupted=bool(pending))
 
+    # --- in-flight markers (an attempt whose mlx-ar process dies is still recorded) ----------
+    def in_flight_path(self) -> Path:
+        return self.ctx.ledger.state_dir / "in-flight" / f"{self.seq:05d}.json"
+
+    def mark_in_flight(self) -> None:
+        marker = {"seq": self.seq, "pid": os.getpid(), "host": platform.node(), "root": str(self.ctx.root),
+                  "branch": self.ctx.branch, "worker": self.ctx.worker, "commit": self.cand, "parent": self.base,
+                  "description": self.description, "started_at": self.started_at,
+                  "run_dir": str(self.run_dir().relative_to(self.ctx.root))}
+        atomic_write(self.in_flight_path(), dump_json(marker))
+
     # --- running -------------------------------------------------------------------------
     def run_dir(self) -> Path:
         return self.ctx.root / self.c.runs_dir / f"{self.seq:05d}-{self.cand[:7]}"
@@ -465,6 +478,7 @@ class _Attempt:
             value = (metrics or {}).get(c.objective)
             self._ledger_commit(f"{self.seq:05d} {status}" + (f" {value:.6f}" if value is not None else "")
                                 + f" {self.description}")
+            self.in_flight_path().unlink(missing_ok=True)
         log = self.outcomes[0].log_path if self.outcomes else None
         return AttemptResult(status, reason, self.seq, rel, commit, metrics, receipt["gate"].get("champion"),
                              receipt["gate"], receipt["runs"], log, self.notes,
@@ -553,6 +567,9 @@ def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=
     repaired = ctx.ledger.repair()
     if repaired:
         a.notes.append(f"re-added {len(repaired)} results.tsv row(s) for receipts without one")
+    lost = record_lost_attempts(ctx, c, now)
+    if lost:
+        a.notes.append(f"recorded {len(lost)} attempt(s) whose mlx-ar process died as crashes: {', '.join(lost)}")
     receipts, noise = ctx.ledger.receipts(), ctx.ledger.noise()
     head = git_ops.head_sha(ctx.repo)
     a.base = head
@@ -624,6 +641,7 @@ def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=
     else:
         a.cand = a.base
     git_ops.set_ref(ctx.repo, git_ops.attempt_ref(a.seq), a.cand)
+    a.mark_in_flight()
     echo(f"attempt {a.seq:05d} on {ctx.branch}: {a.description} (candidate {a.cand[:7]}, gate {c.gate})")
 
     # --- 3. runs until the gate decides, 4. bookkeeping ----------------------------------------
@@ -637,6 +655,61 @@ def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=
         result = a.finish(status, reason, recheck=by_gate)
         if result is not None:
             return result
+
+
+# --- attempts whose mlx-ar process died ---------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def record_lost_attempts(ctx: Context, campaign, now=utc_now) -> list[str]:
+    """Crash receipts for in-flight attempts on this host whose mlx-ar process is gone.
+
+    `mlx-ar run` killed outright (SIGKILL, power loss) never reaches its bookkeeping; its
+    marker says what it was running, so the attempt still gets its row. The working tree is
+    left as it is: the candidate's edit is usually still there and is simply judged again.
+    """
+    import json
+
+    c = campaign
+    folder = ctx.ledger.state_dir / "in-flight"
+    if not folder.is_dir():
+        return []
+    recorded = []
+    with _shielded() as pending, ctx.ledger.lock():
+        for path in sorted(folder.glob("*.json")):
+            try:
+                m = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if m.get("host") != platform.node() or _pid_alive(int(m.get("pid", 0))):
+                continue  # another machine's, or still running (another worker)
+            a = _Attempt(ctx, c, m.get("description", ""), None, None, None, now, None)
+            a.seq, a.cand, a.base, a.started_at = m["seq"], m["commit"], m.get("parent"), m.get("started_at")
+            try:
+                a.cand_files = git_ops.read_commit(ctx.repo, a.cand, c.mutable)
+                a.base_files = git_ops.read_commit(ctx.repo, a.base, c.mutable) if a.base else None
+            except (ValueError, KeyError):
+                a.cand_files = a.base_files = None
+            a.notes.append(f"logs, if any, in {m.get('root')}/{m.get('run_dir')}")
+            receipt = a._receipt("crash", "lost: the mlx-ar process ended before recording a decision "
+                                 "(killed, or the machine stopped)", a.seq, a.cand, None, [])
+            receipt["branch"], receipt["worker"] = m.get("branch"), m.get("worker")
+            if not (ctx.ledger.root / receipt_name(a.seq, a.cand)).exists():
+                recorded.append(ctx.ledger.write_receipt(receipt))
+            path.unlink()
+        if recorded:
+            _Attempt(ctx, c, "", None, None, None, now, None)._ledger_commit(
+                f"record {len(recorded)} lost attempt(s)")
+    if pending:
+        raise KeyboardInterrupt
+    return recorded
 
 
 # --- keeping workers on the champion --------------------------------------------------------
@@ -674,6 +747,7 @@ def measure_noise(root, campaign, *, runs: int | None = None, runner=run_child, 
     if k < 2:
         raise LoopError(f"the noise floor needs at least 2 runs, got {k}")
     ctx.ledger.repair()
+    record_lost_attempts(ctx, c, now)
     receipts = ctx.ledger.receipts()
     champ = champion(receipts, c.objective, c.sign, c.allow_smoke)
     if champ is None:
