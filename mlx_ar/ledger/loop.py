@@ -14,7 +14,9 @@
    champion's; write the receipt and the results.tsv row; make the "ledger:" commit.
 
 Ctrl-C at any point kills the child's process group, records a `crash` row with reason
-"interrupted", restores train.py to the champion, and raises `Interrupted` (exit 130).
+"interrupted", restores train.py to the champion, and raises `Interrupted` (exit 130). If the
+loop itself is killed outright, its in-flight marker (in the shared git dir) lets the next
+run record the attempt as a `crash` ("lost: ...").
 
 Collaborators are parameters (`runner`, `sleep`, `echo`, `now`), so tests drive the whole
 loop with fake train.py scripts and without waiting.
