@@ -467,3 +467,26 @@ def test_attempt_of_a_killed_loop_is_recorded_next_time(repo, tmp_path):
     assert "+VALUE = 0.5 " in lost["diff"] and "+MODE = 'hang'" in lost["diff"]
     assert [x["status"] for x in rows(repo)] == ["keep", "crash", "keep"]
     assert_consistent(repo, r.commit)
+
+
+def test_hand_commits_the_loop_cannot_judge_are_refused(repo):
+    from mlx_ar.ledger.git_ops import GitError
+
+    run(repo, "baseline")
+    (repo / "README.md").write_text("changed in the same commit\n")
+    edit(repo, VALUE=0.5)
+    git(repo, "commit", "-q", "-am", "train.py and README together")
+    r = run(repo, "x")
+    assert r.status == "refused" and "changes files outside the mutable surface: README.md" in r.reason
+    git(repo, "reset", "-q", "--hard", "HEAD~2")  # back to the baseline's ledger commit (test setup only)
+    for v in (0.5, 0.6):
+        edit(repo, VALUE=v)
+        git(repo, "commit", "-q", "-am", f"v{v}")
+    r = run(repo, "y")
+    assert r.status == "refused" and "more than one unscored commit" in r.reason
+
+    git(repo, "checkout", "-q", "--detach")
+    with pytest.raises(GitError, match="HEAD is detached"):
+        run(repo, "z")
+    with pytest.raises(GitError, match="run mlx-ar from the repository root"):
+        run(repo / "receipts", "z")
