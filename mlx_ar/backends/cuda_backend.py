@@ -1,0 +1,245 @@
+"""CUDA backend: trains train_torch.py's GPT (the PyTorch twin of train.py's) on an NVIDIA GPU.
+
+`python train.py --backend cuda` drives it through the same harness as the MLX backend. The
+recipe comes from train.py's recipe block (the dict the harness passes to `build`); the model,
+optimizer and FLOP count come from `train_torch.py` next to train.py. Those two files are what
+this backend executes and records.
+
+Choices, and why:
+- Device: `cuda:0`, so `CUDA_VISIBLE_DEVICES=3` pins a worker to GPU 3. Without a visible GPU
+  it runs on the CPU (device string ends in "(cpu)", MFU unknown), which is how CI runs the
+  parity tests and `python train.py --backend cuda --smoke 5`.
+- Compilation: on a GPU the model's forward+backward (with flex_attention block masks) and the
+  optimizer update are compiled with torch.compile; on the CPU they run eagerly, because
+  inductor needs a C++ toolchain and minutes of a small CPU for a run that lasts seconds.
+  `MLX_AR_TORCH_COMPILE` overrides the choice: `model` (the whole loss, best fusion),
+  `blocks` (each transformer block and the loss head alone: less to compile, start-up lower),
+  `none` (eager; SDPA with boolean masks).
+- Budget: compilation happens inside the first step (the forward, backward and optimizer graphs
+  are all built there; later steps reuse them, which tests check), so `warmup_steps` is 1.
+- Evaluation runs eagerly (SDPA), so it compiles nothing new and its start-up is nil.
+
+    backend = CudaBackend(train_globals)
+    backend.build(recipe, vocab_size, seq_len, seed)
+    loss = backend.loss_value(backend.step(inputs, targets))
+"""
+import importlib.util
+import itertools
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..harness import hardware
+
+TORCH_FILE = "train_torch.py"      # the torch model file, next to train.py
+COMPILE_ENV = "MLX_AR_TORCH_COMPILE"
+COMPILE_MODES = ("model", "blocks", "none")
+
+_module_ids = itertools.count()
+
+
+def default_compile_mode(on_gpu: bool, env=os.environ) -> str:
+    """`model` on a GPU, `none` on the CPU, unless MLX_AR_TORCH_COMPILE says otherwise."""
+    mode = env.get(COMPILE_ENV, "").strip().lower()
+    if not mode:
+        return "model" if on_gpu else "none"
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"{COMPILE_ENV}={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def load_torch_file(path):
+    """Execute train_torch.py as a fresh module (a new one per call, like trainfile.load_train)."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the cuda backend runs the torch model in {TORCH_FILE} "
+                                f"next to train.py (restore it from git)")
+    name = f"_mlx_ar_train_torch_{next(_module_ids)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_model_name(cpuinfo="/proc/cpuinfo") -> str:
+    """'AMD EPYC 7B13' from /proc/cpuinfo on Linux, else what `platform` knows."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+# --- weights through numpy (parity tests, checkpoints from the MLX backend) ---------------------
+def numpy_weights(model) -> dict:
+    """{parameter name: float32 numpy array}; names are train.py's parameter-tree paths."""
+    return {k: p.detach().float().cpu().numpy() for k, p in model.named_parameters()}
+
+
+def load_numpy_weights(model, arrays: dict) -> None:
+    """Copy arrays (as exported from the MLX model) into the torch model's parameters, in place."""
+    import torch
+
+    params = dict(model.named_parameters())
+    missing, extra = sorted(set(params) - set(arrays)), sorted(set(arrays) - set(params))
+    if missing or extra:
+        raise ValueError(f"weights do not match the torch model: missing {missing or 'none'}, unexpected {extra or 'none'}")
+    with torch.no_grad():
+        for k, p in params.items():
+            a = np.asarray(arrays[k])
+            if tuple(a.shape) != tuple(p.shape):
+                raise ValueError(f"weight {k}: shape {tuple(a.shape)} given, the torch model has {tuple(p.shape)}")
+            p.copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, train_globals: dict, compile_mode: str | None = None):
+        import torch
+
+        self.torch = torch
+        self.g = train_globals
+        self.train_file = Path(train_globals["__file__"]).resolve()
+        self.torch_file = self.train_file.parent / TORCH_FILE
+        self.on_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda:0" if self.on_gpu else "cpu")
+        self.compile_mode = compile_mode or default_compile_mode(self.on_gpu)
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        self.warmup_steps = 1
+        self.num_params = 0
+        self.flops_per_token = 0.0
+
+    # --- device ---------------------------------------------------------------------------
+    def device_name(self) -> str:
+        if self.on_gpu:
+            return self.torch.cuda.get_device_name(self.device)
+        return f"{cpu_model_name()} (cpu)"
+
+    def peak_flops(self) -> float | None:
+        if self.on_gpu:
+            return hardware.nvidia_peak_flops(self.device_name())
+        return None  # no honest peak for a CPU
+
+    def configure_memory(self) -> None:
+        if self.on_gpu:
+            self.torch.cuda.set_device(self.device)
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+
+    # --- model ----------------------------------------------------------------------------
+    def build(self, recipe: dict, vocab_size: int, seq_len: int, seed: int) -> None:
+        torch = self.torch
+        torch.manual_seed(seed)
+        tt = load_torch_file(self.torch_file)
+        flex = self.on_gpu and self.compile_mode != "none"
+        model = tt.build_model(recipe, vocab_size, seq_len, device=self.device, flex=flex)
+        optimizer = tt.build_optimizer(model, recipe)
+        self.tt, self.model, self.optimizer = tt, model, optimizer
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_token = float(tt.flops_per_token(model.cfg))
+        self._loss = model
+        if self.compile_mode == "model":
+            self._loss = torch.compile(model, fullgraph=True, dynamic=False)
+        elif self.compile_mode == "blocks":
+            # Identical blocks share compiled code, so only the few distinct ones are compiled.
+            for block in model.blocks:
+                block.compile(fullgraph=True, dynamic=False)
+            model.head_loss = torch.compile(model.head_loss, fullgraph=True, dynamic=False)
+        if self.compile_mode != "none":
+            optimizer.compile()
+
+    def load_weights(self, arrays: dict) -> None:
+        """Replace the built model's weights (numpy arrays by parameter name)."""
+        load_numpy_weights(self.model, arrays)
+
+    def set_hyper(self, lr_mult: float, muon_momentum: float, weight_decay: float) -> None:
+        self.optimizer.set_hyper(lr_mult, muon_momentum, weight_decay)
+
+    def _to_device(self, a: np.ndarray):
+        """(n, B, T) tokens -> n contiguous int64 (B, T) device tensors; the copy does not block."""
+        host = self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+        if self.on_gpu:
+            host = host.pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        # A fresh tensor per micro-batch (not a view at an offset) keeps compiled-graph guards stable.
+        return [dev[i].long() for i in range(dev.shape[0])]
+
+    def step(self, inputs: np.ndarray, targets: np.ndarray):
+        """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""
+        xs, ys = self._to_device(inputs), self._to_device(targets)
+        n = len(xs)
+        total = None
+        for x, y in zip(xs, ys):
+            loss = self._loss(x, y)
+            (loss / n).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return total / n
+
+    def loss_value(self, handle) -> float:
+        return handle.item()
+
+    def eval_loss(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Per-token losses (B, T) as float32 numpy, computed eagerly (nothing new to compile)."""
+        torch = self.torch
+        x, y = self._to_device(np.asarray(inputs)[None]), self._to_device(np.asarray(targets)[None])
+        with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+            out = self.model.token_losses(x[0], y[0])
+        return out.float().cpu().numpy()
+
+    def sync(self) -> None:
+        if self.on_gpu:
+            self.torch.cuda.synchronize(self.device)
+
+    def peak_memory_mb(self) -> float:
+        if self.on_gpu:
+            return self.torch.cuda.max_memory_allocated(self.device) / 2**20
+        import resource
+
+        # On the CPU: the process's peak resident memory (KiB on Linux, bytes on macOS).
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+    def executed_files(self) -> list:
+        # train.py is executed for its recipe (and the entry point); the model is train_torch.py.
+        return [self.train_file, self.torch_file]
+
+    def versions(self) -> dict:
+        torch = self.torch
+        out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
+        if self.on_gpu:
+            out["cuda"] = torch.version.cuda
+        return out
+
+    # --- benchmark hooks ------------------------------------------------------------------
+    def time_optimizer(self, repeats: int = 10) -> float:
+        """Median seconds of one optimizer update alone (on stand-in gradients).
+
+        Used by `mlx-ar bench` to report the optimizer's share of a step; it updates the
+        weights, so call it only on a model built for benchmarking.
+        """
+        import time
+
+        torch, opt = self.torch, self.optimizer
+        for p in self.model.parameters():
+            p.grad = (1e-3 * torch.randn(p.shape, device=p.device)).to(p.dtype)
+        times = []
+        for i in range(repeats + 2):
+            self.sync()
+            t0 = time.perf_counter()
+            opt.step()
+            self.sync()
+            if i >= 2:  # the first calls may compile
+                times.append(time.perf_counter() - t0)
+        opt.zero_grad()
+        return sorted(times)[len(times) // 2]
