@@ -16,6 +16,7 @@ def test_defaults_without_a_file(tmp_path):
     assert c.command("runs/1/run.json", 43) == [sys.executable, "train.py", "--record", "runs/1/run.json",
                                                 "--seed", "43", "--backend", "mlx"]
     json.dumps(c.to_dict())  # recorded in receipts
+    assert Campaign(backend="cuda").mutable == ("train.py", "train_torch.py")
 
 
 def test_campaign_file_and_overrides(tmp_path):

@@ -383,7 +383,11 @@ def test_cli_run_and_results(repo, monkeypatch):
 
 
 def test_cuda_refuses_edits_to_code_it_does_not_run(repo):
+    (repo / "train_torch.py").write_text("import math\n\ndef block(x):\n    return x\n")
+    git(repo, "add", "train_torch.py")
+    git(repo, "commit", "-q", "-m", "torch twin")
     c = campaign(backend="cuda")
+    assert c.mutable == ("train.py", "train_torch.py")
     run(repo, "baseline", c)
     src = (repo / "train.py").read_text()
     (repo / "train.py").write_text(src.replace("time.sleep(SLEEP)", "time.sleep(SLEEP + 0.0)"))
@@ -393,6 +397,13 @@ def test_cuda_refuses_edits_to_code_it_does_not_run(repo):
     (repo / "train.py").write_text(src)
     edit(repo, VALUE=0.7)  # the recipe is read by every backend
     assert run(repo, "recipe edit", c).status == "keep"
+    (repo / "train_torch.py").write_text("import math\n\ndef block(x):\n    return 2 * x\n")
+    r = run(repo, "torch model edit", c)
+    assert r.status == "discard" and len(r.runs) == 1  # it ran (the fake ignores the file)
+    # On mlx the torch twin never runs: with it in the surface, an edit to it is refused.
+    (repo / "train_torch.py").write_text("import math\n\ndef block(x):\n    return 3 * x\n")
+    r = run(repo, "torch edit on mlx", campaign(mutable=("train.py", "train_torch.py")))
+    assert r.status == "refused" and "train_torch.py (the mlx backend does not execute it)" in r.reason
 
 
 def test_tok_per_sec_veto_is_relative_to_the_branch_baseline(repo):

@@ -29,14 +29,15 @@ GATES = ("single", "significance")
 TIERS = ("config", "code")
 DIRECTIONS = ("min", "max")
 BACKENDS = ("mlx", "cuda")
+# What the agent may edit on each backend, unless campaign.toml says otherwise: the cuda
+# backend runs train.py's recipe through the torch twin in train_torch.py.
+DEFAULT_MUTABLE = {"mlx": ("train.py",), "cuda": ("train.py", "train_torch.py")}
 # Parts of the mutable surface a backend does NOT execute: "code" = everything but the recipe
 # constants, "all" = the whole file. A candidate that changes such a part is refused before
-# any budget is spent, so a receipt never reports a change that did not run. (When the torch
-# model file lands with the cuda backend, it becomes {"mlx": {<that file>: "all"}, ...} and
-# joins the cuda campaign's `mutable` list.)
+# any budget is spent, so a receipt never reports a change that did not run.
 INERT_PARTS = {
-    "mlx": {},
-    "cuda": {"train.py": "code"},  # the torch twin reads train.py's recipe, never its MLX model
+    "mlx": {"train_torch.py": "all"},  # the MLX backend never imports the torch twin
+    "cuda": {"train.py": "code"},      # the torch twin reads train.py's recipe, never its MLX model
 }
 
 
@@ -57,7 +58,7 @@ class Campaign:
 
     # --- what the agent may change ----------------------------------------------------------
     tier: str = "code"                  # "config": only recipe constants; "code": anything in `mutable`
-    mutable: tuple[str, ...] = ("train.py",)  # the mutable surface, relative to the repository root
+    mutable: tuple[str, ...] = ()       # the mutable surface; empty: DEFAULT_MUTABLE[backend]
 
     # --- the keep gate ----------------------------------------------------------------------
     gate: str = "single"                # "single" (upstream's rule) or "significance"
@@ -85,6 +86,10 @@ class Campaign:
     runs_dir: str = "runs"              # per-run logs and records (gitignored)
 
     source: str | None = field(default=None, compare=False)  # the file these came from, if any
+
+    def __post_init__(self):
+        if not self.mutable and self.backend in DEFAULT_MUTABLE:
+            object.__setattr__(self, "mutable", DEFAULT_MUTABLE[self.backend])
 
     # --- derived -------------------------------------------------------------------------------
     @property
@@ -160,7 +165,7 @@ def validate(c: Campaign, where: str = "campaign") -> Campaign:
     if c.backend not in BACKENDS:
         bad(f"backend must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
     if not c.mutable:
-        bad("mutable must name at least one file (the default is [\"train.py\"])")
+        bad("mutable must name at least one file (the default is the backend's: train.py, plus train_torch.py on cuda)")
     for p in c.mutable:
         if Path(p).is_absolute() or ".." in Path(p).parts or p.strip() != p or not p:
             bad(f"mutable entries are paths inside the repository, got {p!r}")
