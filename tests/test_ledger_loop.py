@@ -145,6 +145,9 @@ def test_config_tier_checker():
     assert "set of recipe constants" in config_tier_problems(old, {"train.py": b"A = 1\nB = 'x'\nC = 3\nimport os\ndef f():\n    return A\n"})[0]
     assert "syntax" in config_tier_problems(old, {"train.py": b"A = (\n"})[0]
     assert "deleted" in config_tier_problems(old, {"train.py": None})[0]
+    grown = {"train.py": b"A = 1\nB = 'x'\nC = 3\nimport os\ndef f():\n    return A\n"}
+    assert config_tier_problems(old, grown, new_constants=True) == []
+    assert config_tier_problems(old, {"train.py": b"A = 1\nimport os\ndef f():\n    return 0\n"}, new_constants=True)
 
 
 # --- the fault matrix --------------------------------------------------------------------------
@@ -397,6 +400,10 @@ def test_cuda_refuses_edits_to_code_it_does_not_run(repo):
     (repo / "train.py").write_text(src)
     edit(repo, VALUE=0.7)  # the recipe is read by every backend
     assert run(repo, "recipe edit", c).status == "keep"
+    # A new dial in the recipe (for train_torch.py to read) is not MLX code: it runs.
+    src = (repo / "train.py").read_text()
+    (repo / "train.py").write_text(src.replace("SLEEP = 0.0 ", "SLEEP = 0.0\nNEW_DIAL = 3 "))
+    assert run(repo, "new recipe dial", c).status == "discard"
     (repo / "train_torch.py").write_text("import math\n\ndef block(x):\n    return 2 * x\n")
     r = run(repo, "torch model edit", c)
     assert r.status == "discard" and len(r.runs) == 1  # it ran (the fake ignores the file)

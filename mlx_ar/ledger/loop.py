@@ -126,8 +126,12 @@ def _shielded():
 
 
 # --- config tier ---------------------------------------------------------------------------
-def _skeleton(source: bytes, path: str) -> tuple[list[str], list[int], list[str]]:
-    """(top-level statements with recipe values blanked, their line numbers, recipe names)."""
+def _skeleton(source: bytes, path: str, drop_recipe: bool = False) -> tuple[list[str], list[int], list[str]]:
+    """(top-level statements with recipe values blanked, their line numbers, recipe names).
+
+    With drop_recipe the recipe assignments are left out entirely, so adding or removing a
+    constant does not count as a code change.
+    """
     from ..recipe import _recipe_nodes, parse_recipe
 
     text = source.decode()
@@ -137,14 +141,20 @@ def _skeleton(source: bytes, path: str) -> tuple[list[str], list[int], list[str]
     dumps, lines = [], []
     for node in tree.body:
         if (node.lineno, node.col_offset) in spots:
+            if drop_recipe:
+                continue
             node.value = ast.Constant(None)
         dumps.append(ast.dump(node))
         lines.append(node.lineno)
     return dumps, lines, names
 
 
-def config_tier_problems(old: dict, new: dict) -> list[str]:
-    """Why `new` is not a recipe-only edit of `old` ({path: bytes|None}); [] when it is."""
+def config_tier_problems(old: dict, new: dict, new_constants: bool = False) -> list[str]:
+    """Why `new` is not a recipe-only edit of `old` ({path: bytes|None}); [] when it is.
+
+    new_constants=True also accepts added or removed recipe constants (the cuda rule: a new
+    dial in train.py's recipe that train_torch.py reads); code outside the recipe still counts.
+    """
     from ..recipe import RecipeError
 
     problems = []
@@ -159,15 +169,15 @@ def config_tier_problems(old: dict, new: dict) -> list[str]:
             problems.append(f"{path} changed (only recipe constants of Python files may change)")
             continue
         try:
-            da, _, na = _skeleton(a, path)
-            db, lb, nb = _skeleton(b, path)
+            da, _, na = _skeleton(a, path, drop_recipe=new_constants)
+            db, lb, nb = _skeleton(b, path, drop_recipe=new_constants)
         except SyntaxError as e:
             problems.append(f"{path}:{e.lineno}: syntax error: {e.msg}")
             continue
         except (RecipeError, UnicodeDecodeError) as e:
             problems.append(f"{path}: {e}")
             continue
-        if na != nb:
+        if na != nb and not new_constants:
             gone, added = sorted(set(na) - set(nb)), sorted(set(nb) - set(na))
             what = "; ".join(x for x in (f"removed {', '.join(gone)}" if gone else "",
                                          f"added {', '.join(added)}" if added else "",
@@ -196,7 +206,7 @@ def inert_problems(backend: str, old: dict, new: dict) -> str | None:
         if part == "all":
             found.append(f"{path} (the {backend} backend does not execute it)")
         else:
-            problems = config_tier_problems({path: a}, {path: b})
+            problems = config_tier_problems({path: a}, {path: b}, new_constants=True)
             if problems:
                 found.append(f"{path} outside its recipe constants (the {backend} backend reads only the "
                              f"recipe of {path}): {problems[0]}")
