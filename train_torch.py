@@ -412,9 +412,9 @@ class MuonAdamW:
         }
         self.update_fn = muon_adamw_update
 
-    def compile(self):
-        """Compile the update (one fused graph for all groups); call once before the first step."""
-        self.update_fn = torch.compile(muon_adamw_update, fullgraph=True, dynamic=False)
+    def compile(self, **options):
+        """Compile the update (one fused graph for all groups); `options` go to torch.compile."""
+        self.update_fn = torch.compile(muon_adamw_update, fullgraph=True, dynamic=False, **options)
 
     def set_hyper(self, lr_mult, muon_momentum, weight_decay):
         """Called by the harness before each step; fills the 0-d tensors in place (no host sync)."""

@@ -103,7 +103,9 @@ def load_numpy_weights(model, arrays: dict) -> None:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, train_globals: dict, compile_mode: str | None = None):
+    def __init__(self, train_globals: dict, compile_mode: str | None = None, compile_options: dict | None = None):
+        """compile_mode: one of COMPILE_MODES (default: from the device and MLX_AR_TORCH_COMPILE);
+        compile_options: extra torch.compile arguments (tests pass a cheaper compiler backend)."""
         import torch
 
         self.torch = torch
@@ -115,6 +117,7 @@ class CudaBackend:
         self.compile_mode = compile_mode or default_compile_mode(self.on_gpu)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        self.compile_options = dict(compile_options or {})
         self.warmup_steps = 1
         self.num_params = 0
         self.flops_per_token = 0.0
@@ -147,15 +150,16 @@ class CudaBackend:
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = float(tt.flops_per_token(model.cfg))
         self._loss = model
+        options = {"fullgraph": True, "dynamic": False, **self.compile_options}
         if self.compile_mode == "model":
-            self._loss = torch.compile(model, fullgraph=True, dynamic=False)
+            self._loss = torch.compile(model, **options)
         elif self.compile_mode == "blocks":
-            # Identical blocks share compiled code, so only the few distinct ones are compiled.
+            # Blocks of the same kind (window, value embedding or not) share compiled code.
             for block in model.blocks:
-                block.compile(fullgraph=True, dynamic=False)
-            model.head_loss = torch.compile(model.head_loss, fullgraph=True, dynamic=False)
+                block.compile(**options)
+            model.head_loss = torch.compile(model.head_loss, **options)
         if self.compile_mode != "none":
-            optimizer.compile()
+            optimizer.compile(**self.compile_options)
 
     def load_weights(self, arrays: dict) -> None:
         """Replace the built model's weights (numpy arrays by parameter name)."""

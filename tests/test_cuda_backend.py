@@ -1,0 +1,333 @@
+"""The cuda backend (train_torch.py + CudaBackend) checked against train.py's MLX model on the CPU.
+
+Parity: the MLX model's weights go through numpy into the torch model; the same batch must give
+the same per-token losses, gradients and optimizer steps (Muon and AdamW) within bf16 rounding.
+Also: the backend protocol on the CPU, no recompilation after the first step (the warmup the
+budget excludes), the flex_attention path of the compiled model, a smoke run of
+`train.py --backend cuda`, and surface.py's refusal rule. The gpu-marked test runs the compiled
+flex path where an NVIDIA GPU is present.
+"""
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import warnings
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten, tree_unflatten
+
+from _train_utils import ROOT, TINY, TRAIN_PY, load_train
+from mlx_ar.backends import get_backend
+from mlx_ar.backends.cuda_backend import (COMPILE_ENV, CudaBackend, default_compile_mode, load_numpy_weights,
+                                          load_torch_file, numpy_weights)
+from mlx_ar.backends.surface import EXECUTED, MUTABLE_FILES, inert_changes, refuse_reason
+from mlx_ar.recipe import apply_recipe, parse_recipe
+
+V, T = 97, 32                      # T = 32 gives TINY's first layer a 16-key window, its last a full one
+TORCH_PY = ROOT / "train_torch.py"
+
+
+def recipe_of(overrides):
+    return parse_recipe(apply_recipe(TRAIN_PY.read_text(), overrides))
+
+
+@pytest.fixture(scope="module")
+def t():
+    return load_train(TINY)
+
+
+@pytest.fixture(scope="module")
+def tt():
+    return load_torch_file(TORCH_PY)
+
+
+def mlx_model(t, seed=0):
+    """train.py's model with its zero-initialised matrices filled in, so every gradient is non-zero,
+    and a larger lm_head, so the losses depend on the weights (a fresh model predicts ~uniformly)."""
+    mx.random.seed(seed)
+    model = t.build_model(V, T)
+    rng = np.random.default_rng(seed)
+    std = {"c_proj": 0.05, "ve_gate": 0.05, "lm_head": 0.1}
+    filled = {k: mx.array((s * rng.standard_normal(v.shape)).astype(np.float32)).astype(mx.bfloat16)
+              for k, v in tree_flatten(model.parameters()) for part, s in std.items() if part in k}
+    model.update(tree_unflatten(list(filled.items())))
+    return model
+
+
+def mlx_numpy(tree) -> dict:
+    return {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(tree)}
+
+
+def torch_twin(tt, recipe, weights):
+    model = tt.build_model(recipe, V, T)
+    load_numpy_weights(model, weights)
+    return model
+
+
+def tokens(seed=1, shape=(3, T)):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, V, shape), rng.integers(0, V, shape)
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# --- model parity -----------------------------------------------------------------------------
+def test_train_torch_defines_no_recipe():
+    # One source of truth: every dial is read from train.py's recipe block.
+    assert parse_recipe(TORCH_PY.read_text(), "train_torch.py") == {}
+
+
+def test_parameters_names_shapes_dtypes_and_init_rules(t, tt):
+    mx.random.seed(0)
+    ref = {k: v.shape for k, v in tree_flatten(t.build_model(V, T).parameters())}
+    torch.manual_seed(0)
+    model = tt.build_model(recipe_of(TINY), V, T)
+    params = dict(model.named_parameters())
+    assert {k: tuple(p.shape) for k, p in params.items()} == {k: tuple(s) for k, s in ref.items()}
+    assert {p.dtype for p in params.values()} == {torch.bfloat16}
+    d = model.cfg.d_model
+    f = lambda k: params[k].float()
+    assert abs(f("wte").std().item() - 1.0) < 0.05                       # EMBED_INIT_STD
+    assert abs(f("lm_head.weight").std().item() - 0.001) < 0.0001        # LM_HEAD_INIT_STD
+    for k, bound in (("blocks.0.attn.c_q.weight", math.sqrt(3 / d)), ("blocks.0.mlp.c_fc.weight", math.sqrt(3 / d)),
+                     ("value_embeds.layer1", math.sqrt(3 / d))):
+        assert 0.9 * bound < f(k).abs().max().item() <= bound * 1.01, k
+    for k in ("blocks.0.attn.c_proj.weight", "blocks.1.mlp.c_proj.weight", "blocks.1.attn.ve_gate.weight"):
+        assert f(k).abs().max().item() == 0.0, k
+    assert f("resid_lambdas").tolist() == [1.0, 1.0] and np.allclose(f("x0_lambdas").tolist(), 0.1, atol=1e-3)
+    assert model.cfg.windows == t.layer_windows(t.DEPTH, T) == (16, 32)
+
+
+def test_token_losses_match_mlx(t, tt):
+    model = mlx_model(t)
+    twin = torch_twin(tt, recipe_of(TINY), mlx_numpy(model.parameters()))
+    x, y = tokens()
+    ref = np.array(model.token_losses(mx.array(x), mx.array(y)))
+    with torch.no_grad():
+        got = twin.token_losses(torch.from_numpy(x), torch.from_numpy(y))
+    assert got.dtype == torch.float32 and tuple(got.shape) == (3, T)
+    # bf16 weights and activations: per-token agreement to about 1%, the mean much closer
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-2, atol=1e-2)
+    assert abs(float(got.mean()) - float(ref.mean())) < 2e-3
+    # the weights made a difference: the losses are far from a fresh model's uniform log(V)
+    assert np.abs(ref - math.log(V)).max() > 0.5
+
+
+def test_gradients_match_mlx(t, tt):
+    model = mlx_model(t)
+    twin = torch_twin(tt, recipe_of(TINY), mlx_numpy(model.parameters()))
+    x, y = tokens()
+    _, grads = nn.value_and_grad(model, lambda m: m.token_losses(mx.array(x), mx.array(y)).mean())(model)
+    ref = mlx_numpy(grads)
+    twin(torch.from_numpy(x), torch.from_numpy(y)).backward()
+    for k, p in twin.named_parameters():
+        g = p.grad.float().numpy()
+        cos = float((g * ref[k]).sum() / (np.linalg.norm(g) * np.linalg.norm(ref[k])))
+        assert np.linalg.norm(ref[k]) > 0 and rel(g, ref[k]) < 0.05 and cos > 0.998, (k, rel(g, ref[k]), cos)
+
+
+@pytest.mark.parametrize("optimizer,ns_dtype", [("muon", "float32"), ("muon", "bfloat16"), ("adamw", "bfloat16")])
+def test_optimizer_steps_match_mlx(tt, optimizer, ns_dtype):
+    overrides = {**TINY, "OPTIMIZER": optimizer}
+    t = load_train(overrides)
+    tt = load_torch_file(TORCH_PY)
+    t.NS_DTYPE, tt.NS_DTYPE = getattr(mx, ns_dtype), getattr(torch, ns_dtype)
+    recipe = recipe_of(overrides)
+    model = mlx_model(t)
+    start = mlx_numpy(model.parameters())
+    twin = torch_twin(tt, recipe, start)
+    x, y = tokens()
+    _, grads = nn.value_and_grad(model, lambda m: m.token_losses(mx.array(x), mx.array(y)).mean())(model)
+    g_np = mlx_numpy(grads)
+    opt, topt = t.build_optimizer(model), tt.build_optimizer(twin, recipe)
+    # Two steps with different scheduled values: bias correction, momentum and decay all move.
+    for hyper in ((0.7, 0.9, 0.1), (0.4, 0.93, 0.05)):
+        opt.set_hyper(*hyper)
+        topt.set_hyper(*hyper)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        for k, p in twin.named_parameters():
+            p.grad = torch.from_numpy(g_np[k]).to(p.dtype)  # the same gradients: the optimizer alone is compared
+        topt.step()
+        topt.zero_grad()
+    ref = mlx_numpy(model.parameters())
+    kinds = {k: kind for k, (kind, _) in topt.groups.items()}
+    for k, p in twin.named_parameters():
+        got, moved = p.detach().float().numpy(), ref[k] - start[k]
+        assert np.abs(moved).max() > 0, k
+        if kinds[k] == "muon" and ns_dtype == "bfloat16":
+            # bf16 Newton-Schulz: the frameworks round differently; after two steps the weights stay
+            # within two bf16 steps of each other and the updates agree to ~10%
+            assert np.abs(got - ref[k]).max() <= 2 * 2 ** -7 * np.abs(ref[k]).max(), k
+            assert rel(got - start[k], moved) < 0.2, k
+        else:
+            # equal up to a bf16 rounding of the weights between the two steps
+            assert rel(got - start[k], moved) < 1e-2, (k, kinds[k])
+    if optimizer == "muon" and ns_dtype == "float32":
+        for shape, names in topt.muon_stacks.items():
+            for i, k in enumerate(names):
+                np.testing.assert_allclose(topt.state["buf"][shape][i].numpy(), np.array(opt.state["buf"][k]),
+                                           rtol=1e-5, atol=1e-8)
+
+
+def test_optimizer_groups_match_mlx(tt):
+    for optimizer in ("muon", "adamw"):
+        overrides = {**TINY, "OPTIMIZER": optimizer}
+        t = load_train(overrides)
+        mx.random.seed(0)
+        ref = t.build_optimizer(t.build_model(V, T))
+        got = tt.build_optimizer(tt.build_model(recipe_of(overrides), V, T), recipe_of(overrides))
+        assert got.groups.keys() == ref.groups.keys()
+        for k, (kind, lr) in ref.groups.items():
+            assert got.groups[k][0] == kind and math.isclose(got.groups[k][1], lr, rel_tol=1e-12), k
+        assert {s: sorted(n) for s, n in got.muon_stacks.items()} == {s: sorted(n) for s, n in ref.muon_stacks.items()}
+        assert all(v.dtype == torch.float32 for part in ("m", "v", "buf") for v in got.state[part].values())
+    with pytest.raises(ValueError, match="OPTIMIZER"):
+        tt.build_optimizer(tt.build_model(recipe_of(TINY), V, T), recipe_of({**TINY, "OPTIMIZER": "sgd"}))
+
+
+def test_newton_schulz_matches_mlx(t, tt):
+    rng = np.random.default_rng(3)
+    for shape in ((3, 8, 16), (2, 24, 8), (5, 5)):
+        G = rng.standard_normal(shape).astype(np.float32)
+        ref = np.array(t.newton_schulz(mx.array(G), steps=5))
+        got = tt.newton_schulz(torch.from_numpy(G), 5, t.NS_COEFFS).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_rope_matches_mlx_fast_rope(t, tt):
+    rng = np.random.default_rng(4)
+    B, H, D = 2, 3, 16
+    x = rng.standard_normal((B, H, T, D)).astype(np.float32)
+    ref = np.array(mx.fast.rope(mx.array(x), D, traditional=False, base=t.ROPE_BASE, scale=1.0, offset=0))
+    cos, sin = tt.rope_tables(T, D, t.ROPE_BASE)
+    got = tt.apply_rope(torch.from_numpy(x).transpose(1, 2), cos, sin).transpose(1, 2).numpy()
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+
+
+def test_flops_per_token_and_windows_match_train_py(tt):
+    for overrides in (TINY, {**TINY, "DEPTH": 3, "WINDOW_PATTERN": "SL", "SHORT_WINDOW_FRAC": 0.25},
+                      {"DEPTH": 8, "ASPECT_RATIO": 64}):
+        t = load_train(overrides)
+        cfg_ref = t.GPTConfig.from_recipe(8192, 2048)
+        cfg = tt.GPTConfig.from_recipe(recipe_of(overrides), 8192, 2048)
+        assert cfg.windows == cfg_ref.windows
+        assert tt.flops_per_token(cfg) == t.flops_per_token(cfg_ref)
+
+
+def test_missing_or_bad_recipe_values_are_named(tt):
+    recipe = {k: v for k, v in recipe_of(TINY).items() if k != "VE_GATE_CHANNELS"}
+    with pytest.raises(KeyError, match="VE_GATE_CHANNELS"):
+        tt.build_model(recipe, V, T)
+    with pytest.raises(ValueError, match="WINDOW_PATTERN"):
+        tt.build_model({**recipe_of(TINY), "WINDOW_PATTERN": "SXL"}, V, T)
+    with pytest.raises(ValueError, match="HEAD_DIM"):
+        tt.build_model({**recipe_of(TINY), "HEAD_DIM": 48}, V, T)
+
+
+# --- attention paths --------------------------------------------------------------------------
+def test_window_masks_and_flex_block_masks_match_naive_attention(tt):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    masks = tt.Masks(T, (5, 16, T)).to("cpu")
+    masks.enable_flex("cpu")
+    q, k, v = torch.randn(3, 2, 2, T, 16).unbind(0)
+    for w in (5, 16, T):
+        naive = np.array([[0 <= i - j < w for j in range(T)] for i in range(T)])
+        assert np.array_equal(tt.window_mask(T, w).numpy(), naive)
+        scores = (q @ k.mT) * 0.3
+        ref = torch.softmax(scores.masked_fill(~torch.from_numpy(naive), float("-inf")), -1) @ v
+        torch.testing.assert_close(masks.attend(q, k, v, w, 0.3), ref, atol=1e-5, rtol=1e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # eager flex_attention warns that it is unfused; fine for a check
+            flex = flex_attention(q, k, v, block_mask=masks.block_masks[w], scale=0.3)
+        torch.testing.assert_close(flex, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_model_takes_the_flex_path_and_matches_eager(tt):
+    torch.manual_seed(0)
+    model = tt.build_model(recipe_of(TINY), V, T, flex=True)
+    graphs = []
+
+    def record(gm, example_inputs):   # a compiler backend that keeps the traced graph and runs it as is
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    x, y = (torch.from_numpy(a) for a in tokens())
+    with torch.no_grad():               # flex_attention has no CPU backward; the forward path is what is traced
+        eager = model.token_losses(x, y)
+        compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=record)(x, y, reduction="none")
+    ops = [str(n.target) for gm in graphs for n in gm.graph.nodes]
+    assert sum("flex_attention" in o for o in ops) == len(model.blocks)
+    assert not any("scaled_dot_product" in o for o in ops)
+    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=0)
+
+
+# --- the backend --------------------------------------------------------------------------------
+def make_backend(t, compile_mode="none", **kw):
+    b = CudaBackend(vars(t), compile_mode=compile_mode, **kw)
+    b.configure_memory()
+    b.build(recipe_of(TINY), V, T, seed=0)
+    return b
+
+
+def batch(n_micro, rows, seed=1):
+    x, y = tokens(seed, (n_micro, rows, T))
+    return x.astype(np.uint16), y.astype(np.uint16)
+
+
+def test_backend_protocol_on_cpu(t):
+    b = get_backend("cuda", vars(t))
+    assert isinstance(b, CudaBackend) and b.name == "cuda" and b.warmup_steps == 1
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    b.configure_memory()
+    b.build(recipe_of(TINY), V, T, seed=0)
+    assert b.device_name().endswith("(cpu)") and b.peak_flops() is None
+    assert b.executed_files() == [TRAIN_PY.resolve(), TORCH_PY.resolve()]
+    assert b.versions()["torch"] == torch.__version__
+    assert b.num_params == sum(p.numel() for p in b.model.parameters())
+    assert b.flops_per_token == load_train(TINY).flops_per_token(load_train(TINY).GPTConfig.from_recipe(V, T))
+    x, y = batch(2, 3)
+    b.set_hyper(1.0, 0.9, 0.1)
+    handle = b.step(x, y)
+    assert isinstance(handle, torch.Tensor) and handle.dtype == torch.float32   # a device value, not a float
+    assert abs(b.loss_value(handle) - math.log(V)) < 0.1
+    losses = b.eval_loss(x[0], y[0])
+    assert isinstance(losses, np.ndarray) and losses.dtype == np.float32 and losses.shape == (3, T)
+    b.sync()
+    assert b.peak_memory_mb() > 0 and b.time_optimizer(repeats=2) > 0
+    assert all(p.grad is None for p in b.model.parameters())
+
+
+def test_step_accumulates_micro_batches_like_one_batch(t):
+    weights = mlx_numpy(mlx_model(t).parameters())
+    x, y = batch(2, 3)
+    losses, grads = [], []
+    for xs, ys in ((x, y), (x.reshape(1, 6, T), y.reshape(1, 6, T))):
+        b = make_backend(t)
+        b.load_weights(weights)
+        state = dict(b.optimizer.state)
+        b.set_hyper(0.8, 0.9, 0.1)
+        seen = {}
+        step = b.optimizer.step
+        b.optimizer.step = lambda: (seen.update({k: p.grad.float().numpy() for k, p in b.model.named_parameters()}),
+                                    step())
+        losses.append(b.loss_value(b.step(xs, ys)))
+        grads.append(seen)
+        # set_hyper fills the same 0-d tensors in place: a compiled update never sees a new constant
+        assert all(b.optimizer.state[k] is state[k] for k in ("lr_mult", "momentum", "weight_decay", "step"))
+        assert int(b.optimizer.state["step"]) == 1 and all(p.grad is None for p in b.model.parameters())
+    assert abs(losses[0] - losses[1]) < 1e-4
+    # two micro-batches of 3 rows give the gradient of the 6-row mean (up to bf16 sums)
+    for k, g in grads[1].items():
+        assert np.linalg.norm(g) > 0 and rel(grads[0][k], g) < 0.02, k
