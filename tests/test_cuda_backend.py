@@ -144,18 +144,19 @@ def test_optimizer_steps_match_mlx(tt, optimizer, ns_dtype):
     model = mlx_model(t)
     start = mlx_numpy(model.parameters())
     twin = torch_twin(tt, recipe, start)
-    x, y = tokens()
-    _, grads = nn.value_and_grad(model, lambda m: m.token_losses(mx.array(x), mx.array(y)).mean())(model)
-    g_np = mlx_numpy(grads)
+    grad_fn = nn.value_and_grad(model, lambda m, x, y: m.token_losses(mx.array(x), mx.array(y)).mean())
+    # Two steps on different gradients with different scheduled values, so that bias correction,
+    # momentum (Nesterov included) and decay all show; both optimizers get the same gradients.
+    grads = [grad_fn(model, *tokens(seed))[1] for seed in (1, 2)]
     opt, topt = t.build_optimizer(model), tt.build_optimizer(twin, recipe)
-    # Two steps with different scheduled values: bias correction, momentum and decay all move.
-    for hyper in ((0.7, 0.9, 0.1), (0.4, 0.93, 0.05)):
+    for g, hyper in zip(grads, ((0.7, 0.9, 0.1), (0.4, 0.93, 0.05))):
         opt.set_hyper(*hyper)
         topt.set_hyper(*hyper)
-        opt.update(model, grads)
+        opt.update(model, g)
         mx.eval(model.parameters(), opt.state)
+        g_np = mlx_numpy(g)
         for k, p in twin.named_parameters():
-            p.grad = torch.from_numpy(g_np[k]).to(p.dtype)  # the same gradients: the optimizer alone is compared
+            p.grad = torch.from_numpy(g_np[k]).to(p.dtype)
         topt.step()
         topt.zero_grad()
     ref = mlx_numpy(model.parameters())
@@ -331,3 +332,171 @@ def test_step_accumulates_micro_batches_like_one_batch(t):
     # two micro-batches of 3 rows give the gradient of the 6-row mean (up to bf16 sums)
     for k, g in grads[1].items():
         assert np.linalg.norm(g) > 0 and rel(grads[0][k], g) < 0.02, k
+
+
+@pytest.mark.parametrize("mode", ["model", "blocks"])
+def test_compiled_steps_do_not_recompile_after_the_first(t, mode):
+    # warmup_steps = 1 is honest only if every graph is built in step 1. aot_eager traces and
+    # guards exactly as inductor does, without spending a minute generating C++ kernels.
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    b = make_backend(t, compile_mode=mode, compile_options={"backend": "aot_eager"})
+    eager = make_backend(t)
+    weights = numpy_weights(b.model)
+    eager.load_weights(weights)
+    x, y = batch(2, 3)
+    hyper = [(1.0, 0.85, 0.2), (0.9, 0.86, 0.15), (0.5, 0.9, 0.1)]
+    b.set_hyper(*hyper[0])
+    first = b.loss_value(b.step(x, y))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2                              # the loss and the optimizer update at least
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for h in hyper[1:]:
+            b.set_hyper(*h)
+            b.loss_value(b.step(x, y))
+        b.eval_loss(x[0], y[0])                     # evaluation runs eagerly: no new graph either
+    assert counters["stats"]["unique_graphs"] == graphs
+    eager.set_hyper(*hyper[0])
+    assert abs(first - eager.loss_value(eager.step(x, y))) < 1e-3
+
+
+def test_compile_mode_choice(monkeypatch, t):
+    assert default_compile_mode(True, env={}) == "model"
+    assert default_compile_mode(False, env={}) == "none"
+    assert default_compile_mode(False, env={COMPILE_ENV: " Blocks "}) == "blocks"
+    with pytest.raises(ValueError, match=COMPILE_ENV):
+        default_compile_mode(True, env={COMPILE_ENV: "max-autotune"})
+    monkeypatch.setenv(COMPILE_ENV, "none")
+    assert CudaBackend(vars(t)).compile_mode == "none"
+    with pytest.raises(ValueError, match="compile_mode"):
+        CudaBackend(vars(t), compile_mode="fast")
+
+
+def test_weight_loading_names_what_does_not_fit(t, tt):
+    model = tt.build_model(recipe_of(TINY), V, T)
+    weights = numpy_weights(model)
+    with pytest.raises(ValueError, match="missing \\['wte'\\]"):
+        load_numpy_weights(model, {k: v for k, v in weights.items() if k != "wte"})
+    with pytest.raises(ValueError, match="unexpected \\['extra'\\]"):
+        load_numpy_weights(model, {**weights, "extra": np.zeros(1)})
+    with pytest.raises(ValueError, match="lm_head.weight: shape"):
+        load_numpy_weights(model, {**weights, "lm_head.weight": np.zeros((2, 2))})
+
+
+def test_missing_torch_file_names_it(tmp_path, t):
+    shutil.copy(TRAIN_PY, tmp_path / "train.py")
+    b = CudaBackend({**vars(t), "__file__": str(tmp_path / "train.py")}, compile_mode="none")
+    with pytest.raises(FileNotFoundError, match="train_torch.py"):
+        b.build(recipe_of(TINY), V, T, seed=0)
+
+
+@pytest.mark.slow
+def test_train_py_backend_cuda_smoke_run(tmp_path, data_cache, tiny_dataset):
+    # The real entry point in a scratch checkout: train.py (tiny recipe) + train_torch.py.
+    (data_cache / "datasets").mkdir(parents=True)
+    (data_cache / "datasets" / "tiny").symlink_to(tiny_dataset.dir, target_is_directory=True)
+    (tmp_path / "train.py").write_text(apply_recipe(TRAIN_PY.read_text(), {**TINY, "TOTAL_BATCH_SIZE": 2 * 2048,
+                                                                            "DEVICE_BATCH_SIZE": 1}))
+    shutil.copy(TORCH_PY, tmp_path / "train_torch.py")
+    record = tmp_path / "run.json"
+    proc = subprocess.run([sys.executable, "train.py", "--backend", "cuda", "--data", "tiny", "--smoke", "2",
+                           "--record", str(record)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "\nbackend:          cuda\n" in proc.stdout and "smoke run, not comparable" in proc.stdout
+    rec = json.loads(record.read_text())
+    assert rec["status"] == "ok" and rec["backend"] == "cuda" and rec["smoke"] is True
+    assert math.isfinite(rec["metrics"]["val_bpb"]) and rec["metrics"]["num_steps"] >= 2
+    assert rec["recipe"]["DEPTH"] == TINY["DEPTH"]
+    assert rec["executed_files"] == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+                                     for name in ("train.py", "train_torch.py")}
+    assert rec["versions"]["torch"] == torch.__version__
+
+
+# --- what an agent may edit -------------------------------------------------------------------
+SRC = TRAIN_PY.read_text()
+RECIPE_EDIT = SRC.replace("\nDEPTH = 4 ", "\nDEPTH = 6 ", 1)
+MLX_EDIT = SRC.replace("return mx.fast.rms_norm(x, None, 1e-6)", "return mx.fast.rms_norm(x, None, 1e-5)", 1)
+COMMENT_EDIT = SRC.replace("# transformer blocks", "# number of transformer blocks", 1)
+TORCH_SRC = TORCH_PY.read_text()
+TORCH_EDIT = TORCH_SRC.replace("NORM_EPS = 1e-6", "NORM_EPS = 1e-5", 1)
+
+
+def test_edit_fixtures_really_edit():
+    assert len({SRC, RECIPE_EDIT, MLX_EDIT, COMMENT_EDIT}) == 4 and TORCH_EDIT != TORCH_SRC
+    assert parse_recipe(RECIPE_EDIT)["DEPTH"] == 6 and parse_recipe(MLX_EDIT) == parse_recipe(SRC)
+
+
+def test_surface_table():
+    assert MUTABLE_FILES == {"mlx": ["train.py"], "cuda": ["train.py", "train_torch.py"]}
+    assert set(EXECUTED) == set(MUTABLE_FILES)
+
+
+def test_cuda_refuses_mlx_only_code_and_accepts_what_it_runs():
+    old = {"train.py": SRC, "train_torch.py": TORCH_SRC}
+    reason = refuse_reason("cuda", old, {**old, "train.py": MLX_EDIT})
+    assert reason and "train.py at line" in reason and "recipe" in reason and "program.md" in reason
+    line = int(reason.split("train.py at line ")[1].split(",")[0])
+    assert "rms_norm" in "".join(SRC.splitlines(True)[line - 1:line + 2])   # points at the edited function
+    assert refuse_reason("cuda", old, {**old, "train.py": RECIPE_EDIT}) is None
+    assert refuse_reason("cuda", old, {**old, "train_torch.py": TORCH_EDIT}) is None
+    assert refuse_reason("cuda", old, {"train.py": RECIPE_EDIT, "train_torch.py": TORCH_EDIT}) is None
+    assert refuse_reason("cuda", old, {**old, "train.py": COMMENT_EDIT}) is None     # comments are not code
+    assert refuse_reason("cuda", old, dict(old)) is None
+    # Strict: an MLX-only edit riding along with a recipe edit would still be reported as run.
+    mixed = MLX_EDIT.replace("\nDEPTH = 4 ", "\nDEPTH = 6 ", 1)
+    assert refuse_reason("cuda", old, {**old, "train.py": mixed})
+    assert len(inert_changes("cuda", old, {"train.py": mixed, "train_torch.py": TORCH_EDIT})) == 1
+
+
+def test_mlx_refuses_torch_only_edits():
+    old = {"train.py": SRC, "train_torch.py": TORCH_SRC}
+    reason = refuse_reason("mlx", old, {**old, "train_torch.py": TORCH_EDIT})
+    assert reason and "train_torch.py (the mlx backend does not execute it)" in reason
+    assert refuse_reason("mlx", {"train.py": SRC}, {"train.py": SRC, "train_torch.py": TORCH_SRC})   # added
+    assert refuse_reason("mlx", old, {**old, "train.py": MLX_EDIT}) is None
+    assert refuse_reason("mlx", {"train.py": SRC}, {"train.py": RECIPE_EDIT}) is None
+
+
+def test_surface_inputs_bytes_none_and_unreadable():
+    old = {"train.py": SRC.encode()}
+    assert refuse_reason("cuda", old, {"train.py": MLX_EDIT.encode()})
+    assert refuse_reason("cuda", old, {"train.py": RECIPE_EDIT.encode()}) is None
+    # a broken file is left to the syntax check and the run itself
+    assert refuse_reason("cuda", old, {"train.py": SRC + "\ndef (:\n"}) is None
+    assert refuse_reason("cuda", old, {"train.py": None}) is None      # deleted: the loop reports it
+    assert refuse_reason("cuda", {"train.py": SRC}, {"train.py": SRC + "\nx = 1\n"})   # appended code
+    with pytest.raises(ValueError, match="unknown backend"):
+        refuse_reason("rocm", old, old)
+
+
+# --- on an NVIDIA GPU ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_gpu_compiled_flex_step_matches_eager_and_learns(t):
+    from mlx_ar.harness import hardware
+
+    seq = 256
+    recipe = recipe_of(TINY)
+    b = CudaBackend(vars(t))
+    assert b.compile_mode == "model" and b.device.type == "cuda"
+    b.configure_memory()
+    b.build(recipe, V, seq, seed=0)
+    assert b.model.masks.block_masks is not None                       # the flex path is armed
+    assert b.peak_flops() == hardware.nvidia_peak_flops(b.device_name())
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, V, (2, 4, seq)).astype(np.uint16)
+    y = np.roll(x, -1, axis=-1)                                         # learnable: predict the next token
+    dev = lambda a: torch.from_numpy(a.astype(np.int64)).cuda()
+    with torch.no_grad():
+        eager_first = sum(float(b.model(dev(x[i]), dev(y[i]))) for i in range(2)) / 2
+    b.set_hyper(1.0, 0.85, 0.2)
+    first = b.loss_value(b.step(x, y))
+    assert abs(first - eager_first) < 0.05                              # flex (compiled) vs SDPA (eager)
+    for _ in range(20):
+        last = b.loss_value(b.step(x, y))
+    assert last < first - 0.5
+    losses = b.eval_loss(x[0], y[0])
+    assert losses.shape == (4, seq) and np.isfinite(losses).all()
+    assert b.peak_memory_mb() > 0 and b.time_optimizer(repeats=3) > 0
