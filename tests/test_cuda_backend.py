@@ -443,6 +443,10 @@ def test_cuda_refuses_mlx_only_code_and_accepts_what_it_runs():
     assert refuse_reason("cuda", old, {**old, "train_torch.py": TORCH_EDIT}) is None
     assert refuse_reason("cuda", old, {"train.py": RECIPE_EDIT, "train_torch.py": TORCH_EDIT}) is None
     assert refuse_reason("cuda", old, {**old, "train.py": COMMENT_EDIT}) is None     # comments are not code
+    # a new dial in the recipe block (for train_torch.py to read) is a recipe edit, not MLX code
+    new_dial = SRC.replace("\nDEPTH = 4 ", "\nMY_DIAL = 3\nDEPTH = 4 ", 1)
+    assert parse_recipe(new_dial)["MY_DIAL"] == 3
+    assert refuse_reason("cuda", old, {**old, "train.py": new_dial}) is None
     assert refuse_reason("cuda", old, dict(old)) is None
     # Strict: an MLX-only edit riding along with a recipe edit would still be reported as run.
     mixed = MLX_EDIT.replace("\nDEPTH = 4 ", "\nDEPTH = 6 ", 1)
