@@ -52,7 +52,7 @@ class Profile:
 REAL = Profile("real", TIME_BUDGET, MAX_SEQ_LEN, VOCAB_SIZE, EVAL_TOKENS)
 # Small enough that prepare + train + eval finish in about two minutes on 2 CPU cores, where
 # MLX's CPU backend runs at a few GFLOP/s: the model is shrunk too, so the loss visibly falls.
-DEMO = Profile("demo", time_budget=60, max_seq_len=256, vocab_size=2048, eval_tokens=64 * 1024,
-               recipe_overrides=(("DEPTH", 2), ("ASPECT_RATIO", 64), ("HEAD_DIM", 64),
-                                 ("TOTAL_BATCH_SIZE", 8 * MAX_SEQ_LEN), ("DEVICE_BATCH_SIZE", 8)))
+DEMO = Profile("demo", time_budget=60, max_seq_len=256, vocab_size=2048, eval_tokens=32 * 1024,
+               recipe_overrides=(("DEPTH", 2), ("ASPECT_RATIO", 32), ("HEAD_DIM", 32),
+                                 ("TOTAL_BATCH_SIZE", 4 * MAX_SEQ_LEN), ("DEVICE_BATCH_SIZE", 4)))
 PROFILES = {p.name: p for p in (REAL, DEMO)}

@@ -73,7 +73,8 @@ class _Progress:
     def __call__(self, info):
         self.line.update(info.loss)
         now = time.monotonic()
-        if not self.tty and info.counted and now - self.last_print < LOG_EVERY_S:
+        last = info.remaining_seconds <= 0
+        if not self.tty and info.counted and not last and now - self.last_print < LOG_EVERY_S:
             return
         self.last_print = now
         tok_s = self.tokens_per_step / info.seconds if info.seconds > 0 else 0.0
