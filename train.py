@@ -52,6 +52,12 @@ WARMDOWN_RATIO = 0.5               # fraction of the budget at the end spent dec
 FINAL_LR_FRAC = 0.0                # lr multiplier reached at the end of the budget
 SEED = 42                          # weights and data order
 
+# --- entry point: the fixed harness trains this file's model (mlx) or train_torch.py (cuda) ---
+if __name__ == "__main__":
+    from mlx_ar.harness.main import main
+
+    main(__file__)
+
 # ---------------------------------------------------------------------------------------------
 import math
 from dataclasses import dataclass
@@ -363,9 +369,3 @@ def build_optimizer(model):
     if OPTIMIZER not in ("muon", "adamw"):
         raise ValueError(f'OPTIMIZER must be "muon" or "adamw", got {OPTIMIZER!r}')
     return MuonAdamW(model, use_muon=OPTIMIZER == "muon")
-
-
-if __name__ == "__main__":
-    from mlx_ar.harness.main import main
-
-    main(__file__, globals())

@@ -45,14 +45,12 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
     from .backends import get_backend
     from .harness.hardware import mfu_percent
     from .harness.main import batch_geometry
-    from .harness.trainfile import load_train
     from .recipe import apply_recipe, parse_recipe
     from pathlib import Path
 
     source = Path(train_file).read_text()
     recipe = parse_recipe(apply_recipe(source, overrides) if overrides else source)
-    module = load_train(train_file, overrides)
-    backend = get_backend(backend_name, vars(module))
+    backend = get_backend(backend_name, train_file, overrides)
     backend.configure_memory()
     T, V = profile.max_seq_len, profile.vocab_size
     rows, n_micro, device_rows = batch_geometry(recipe, T)

@@ -287,7 +287,7 @@ def batch(n_micro, rows, seed=1):
 
 
 def test_backend_protocol_on_cpu(t):
-    b = get_backend("cuda", vars(t))
+    b = get_backend("cuda", t.__file__)
     assert isinstance(b, CudaBackend) and b.name == "cuda" and b.warmup_steps == 1
     if torch.cuda.is_available():
         pytest.skip("checks the CPU fallback")

@@ -4,11 +4,12 @@ A backend owns everything device-specific: building the model and optimizer from
 the compiled training step, per-token evaluation losses, synchronization, memory and the
 device's peak FLOP/s. No other module names a device or imports mlx/torch for training.
 
-    backend = get_backend("mlx", train_globals)   # or "cuda"
+    backend = get_backend("mlx", "train.py")     # or "cuda"; recipe overrides optional
     backend.build(recipe, vocab_size, seq_len, seed)
     handle = backend.step(inputs, targets)        # (n_micro, B, T) int arrays; returns at once
     loss = backend.loss_value(handle)             # waits for the step, float
 """
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,12 +35,18 @@ class Backend(Protocol):
     def versions(self) -> dict: ...
 
 
-def get_backend(name: str, train_globals: dict) -> Backend:
-    """Instantiate a backend; `train_globals` are train.py's module globals (the MLX model lives there)."""
+def get_backend(name: str, train_file, overrides: dict | None = None) -> Backend:
+    """Instantiate a backend for the experiment in `train_file`.
+
+    The MLX model lives in train.py itself, so that backend gets a fresh module of it (with
+    `overrides` applied to the recipe); the cuda backend reads train_torch.py beside it and
+    takes the recipe in build(), so train.py's MLX imports never run on a machine without MLX.
+    """
     if name == "mlx":
+        from ..harness.trainfile import load_train
         from .mlx_backend import MLXBackend
-        return MLXBackend(train_globals)
+        return MLXBackend(vars(load_train(train_file, overrides)))
     if name == "cuda":
         from .cuda_backend import CudaBackend
-        return CudaBackend(train_globals)
+        return CudaBackend({"__file__": str(Path(train_file).resolve())})
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,7 +1,7 @@
 """`python train.py`: one experiment, start to summary, on any backend.
 
-train.py ends with `main(__file__, globals())`. This module reads the recipe from train.py's
-source, opens the prepared dataset, builds the chosen backend, trains for the profile's time
+train.py calls `main(__file__)` right after its recipe block, before it imports MLX, so the
+cuda backend runs on machines without MLX. This module reads the recipe from train.py's source, opens the prepared dataset, builds the chosen backend, trains for the profile's time
 budget through `train_loop`, scores the model with the fixed `evaluate_bpb`, prints the
 summary block and writes the run record. Every failure (bad data, a NaN loss, an exception,
 Ctrl-C) still prints `FAIL: <reason>` and writes a record with status "fail".
@@ -89,12 +89,12 @@ class _Progress:
             self.stream.write("\n")
 
 
-def main(train_file, train_globals, argv=None):
+def main(train_file, argv=None):
     """Entry point of train.py. Exits with 0 on success, 1 on a failed run, 130 on Ctrl-C."""
-    sys.exit(run(train_file, train_globals, argv))
+    sys.exit(run(train_file, argv))
 
 
-def run(train_file, train_globals, argv=None) -> int:
+def run(train_file, argv=None) -> int:
     from .summary import utc_timestamp
 
     t0 = time.perf_counter()
@@ -108,7 +108,7 @@ def run(train_file, train_globals, argv=None) -> int:
               "recipe": recipe, "contract": None, "contract_parts": None, "metrics": {},
               "executed_files": {}, "versions": {}, "started_at": started_at}
     try:
-        values = _train_and_evaluate(train_file, train_globals, recipe, args, seed, fields, t0)
+        values = _train_and_evaluate(train_file, recipe, args, seed, fields, t0)
         fields["status"] = "ok"
         code = 0
     except KeyboardInterrupt:
@@ -136,7 +136,7 @@ def run(train_file, train_globals, argv=None) -> int:
     return code
 
 
-def _train_and_evaluate(train_file, train_globals, recipe, args, seed, fields, t0):
+def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     from ..backends import get_backend
     from ..data import open_dataset
     from ..evaluate import evaluate_bpb
@@ -153,21 +153,18 @@ def _train_and_evaluate(train_file, train_globals, recipe, args, seed, fields, t
     budget = float(args.smoke) if args.smoke is not None else float(profile.time_budget)
     if budget <= 0:
         raise ValueError(f"--smoke must be a positive number of seconds, got {args.smoke}")
-    if profile.recipe_overrides:
-        # A reduced profile (demo) shrinks the recipe too; the run says so and records the result.
-        from .trainfile import load_train
-
-        overrides = dict(profile.recipe_overrides)
-        train_globals = vars(load_train(train_file, overrides))
+    # A reduced profile (demo) shrinks the recipe too; the run says so and records the result.
+    overrides = dict(profile.recipe_overrides)
+    if overrides:
         recipe = {**recipe, **overrides}
         fields["recipe"] = recipe
-        print(f"{profile.name} profile: recipe overrides {overrides}", flush=True)
         schedule = Schedule.from_recipe(recipe)
+        print(f"{profile.name} profile: recipe overrides {overrides}", flush=True)
     contract, contract_parts = ds.contract
     fields.update(dataset=ds.name, profile=profile.name, time_budget=budget, contract=contract,
                   contract_parts=contract_parts)
 
-    backend = get_backend(args.backend, train_globals)
+    backend = get_backend(args.backend, train_file, overrides)
     fields["device"] = backend.device_name()
     fields["versions"] = backend.versions()
     backend.configure_memory()
