@@ -48,6 +48,8 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
     from .recipe import apply_recipe, parse_recipe
     from pathlib import Path
 
+    # A reduced profile shrinks the recipe as it does for training; explicit --set wins.
+    overrides = {**dict(profile.recipe_overrides), **(overrides or {})}
     source = Path(train_file).read_text()
     recipe = parse_recipe(apply_recipe(source, overrides) if overrides else source)
     backend = get_backend(backend_name, train_file, overrides)

@@ -25,21 +25,13 @@ COMMANDS = {
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return sorted(name for name in COMMANDS if self._load(name, quiet=True) is not None)
+        return sorted(COMMANDS)
 
     def get_command(self, ctx, name):
-        return self._load(name, quiet=False) if name in COMMANDS else None
-
-    @staticmethod
-    def _load(name, quiet):
+        if name not in COMMANDS:
+            return None
         module, attr = COMMANDS[name].split(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError):
-            # A command whose module is not part of this install is simply not offered.
-            if quiet:
-                return None
-            raise
+        return getattr(importlib.import_module(module), attr)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
