@@ -193,7 +193,7 @@ def test_missing_data_names_the_command(tmp_path):
 def test_cli_help_loads_no_framework():
     code = ("import sys; from click.testing import CliRunner; from mlx_ar.cli import main; "
             "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
-            "assert all(c in r.output for c in ('prepare', 'bench', 'run', 'compare', 'plot')), r.output; "
+            "assert all(c in r.output for c in ('prepare', 'train', 'bench', 'run', 'noise', 'results', 'workers', 'compare', 'transplant', 'plot')), r.output; "
             "heavy = [m for m in ('mlx', 'mlx.core', 'torch', 'pyarrow', 'git', 'matplotlib') if m in sys.modules]; "
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
