@@ -22,6 +22,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..backends.surface import MUTABLE_FILES
 from ..constants import TIME_BUDGET
 
 CAMPAIGN_FILE = "campaign.toml"
@@ -29,16 +30,9 @@ GATES = ("single", "significance")
 TIERS = ("config", "code")
 DIRECTIONS = ("min", "max")
 BACKENDS = ("mlx", "cuda")
-# What the agent may edit on each backend, unless campaign.toml says otherwise: the cuda
-# backend runs train.py's recipe through the torch twin in train_torch.py.
-DEFAULT_MUTABLE = {"mlx": ("train.py",), "cuda": ("train.py", "train_torch.py")}
-# Parts of the mutable surface a backend does NOT execute: "code" = everything but the recipe
-# constants, "all" = the whole file. A candidate that changes such a part is refused before
-# any budget is spent, so a receipt never reports a change that did not run.
-INERT_PARTS = {
-    "mlx": {"train_torch.py": "all"},  # the MLX backend never imports the torch twin
-    "cuda": {"train.py": "code"},      # the torch twin reads train.py's recipe, never its MLX model
-}
+# What the agent may edit on each backend, unless campaign.toml says otherwise; the rule itself
+# (and which parts each backend executes) lives in mlx_ar.backends.surface.
+DEFAULT_MUTABLE = {backend: tuple(files) for backend, files in MUTABLE_FILES.items()}
 
 
 class CampaignError(ValueError):

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..backends.surface import refuse_reason
 from . import git_ops
 from .format import (LEDGER_COMMIT_PREFIX, NOISE_FILE, NOISE_SCHEMA, RECEIPT_SCHEMA, RECEIPTS_DIR, RESULTS_FILE,
                      receipt_name, sanitize)
@@ -192,28 +193,6 @@ def config_tier_problems(old: dict, new: dict, new_constants: bool = False) -> l
             if len(da) != len(db):
                 problems.append(f"{path}: statements were added or removed outside the recipe")
     return problems
-
-
-def inert_problems(backend: str, old: dict, new: dict) -> str | None:
-    """Why the change touches code `backend` does not execute (see campaign.INERT_PARTS), or None."""
-    from .campaign import INERT_PARTS
-
-    found = []
-    for path, part in INERT_PARTS.get(backend, {}).items():
-        a, b = old.get(path), new.get(path)
-        if a == b or path not in new:
-            continue
-        if part == "all":
-            found.append(f"{path} (the {backend} backend does not execute it)")
-        else:
-            problems = config_tier_problems({path: a}, {path: b}, new_constants=True)
-            if problems:
-                found.append(f"{path} outside its recipe constants (the {backend} backend reads only the "
-                             f"recipe of {path}): {problems[0]}")
-    if not found:
-        return None
-    return ("the change would not run: it edits " + "; ".join(found)
-            + ". Revert that part; edit only what this backend executes (see program.md)")
 
 
 def executed_mismatch(executed: dict | None, files: dict) -> str | None:
@@ -633,7 +612,7 @@ def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=
         if problems:
             return a.refuse("config tier: only the recipe constants may change, but "
                             + "; ".join(problems[:5]) + ". Revert the code edit (or set tier = \"code\")")
-    inert = inert_problems(c.backend, ref_files, worktree)
+    inert = refuse_reason(c.backend, ref_files, worktree)
     if inert:
         return a.refuse(inert)
     if not a.description:
