@@ -28,8 +28,6 @@ def current_dataset() -> str | None:
 
 
 def set_current_dataset(name: str) -> None:
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / "current.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / "current")
+    from .atomic import atomic_write
+
+    atomic_write(cache_root() / "current", name + "\n")

@@ -1,10 +1,8 @@
 """The child runner: log capture, hard timeout and Ctrl-C kill the whole process group, and
 `assess` turns exit codes, records and logs into one trustworthy verdict with a clear reason."""
-import json
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

@@ -11,10 +11,10 @@ are refused: the current backend does not know them. Only train.py is written an
 `mlx-ar run` then scores the candidate.
 """
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import atomic_write
 from .analysis import _ABSENT, _same, branch_delta, summarize, unranked_reason
 from .branches import MUTABLE_FILE, CompareError, read_branch, recipe_reader, resolve_branch
 from ..recipe import RecipeError, apply_recipe, parse_recipe
@@ -116,10 +116,9 @@ class TransplantResult:
 
 
 def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    shutil.copymode(path, tmp)
-    os.replace(tmp, path)
+    mode = path.stat().st_mode
+    atomic_write(path, text)
+    os.chmod(path, mode)  # keep train.py's permissions
 
 
 def transplant(repo, branch: str, keys=None, commit: bool = True) -> TransplantResult:

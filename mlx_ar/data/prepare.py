@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from ..atomic import atomic_write
 from ..constants import CLIMBMIX_BASE_URL, CLIMBMIX_DEFAULT_SHARDS, CLIMBMIX_VAL_SHARD, DEMO, REAL
 from .download import DEFAULTS as DOWNLOAD_DEFAULTS
 from .errors import DataError
@@ -159,9 +160,7 @@ def _versions() -> dict:
 def _atomic_json(path: Path, data: dict) -> None:
     import json
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
 
 
 def _same_profile(manifest: dict, profile) -> bool:

@@ -10,7 +10,7 @@ Tokenization is batched: batches of documents are encoded in a thread pool (tikt
 the GIL) while the main thread reads the next batch, a few batches ahead, results kept in order.
 Both files are written to `.tmp` names and renamed, so a crash never leaves a half shard.
 """
-import os
+import io
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write
 from .errors import DataError
 
 
@@ -27,10 +28,9 @@ def shard_files(tokens_dir, split: str, index: int) -> tuple[Path, Path]:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write(path, buf.getvalue())
 
 
 def _encode_job(tok, texts: list[str]):

@@ -14,12 +14,13 @@ The special tokens take the ids right after the mergeable ranks; BOS is the firs
 """
 import base64
 import hashlib
+import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..constants import SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_DOC_CHARS, TOKENIZER_TOTAL_CHARS
 from .errors import DataError
 
@@ -30,11 +31,6 @@ TOKEN_BYTES_FILE = "token_bytes.npy"
 # Documents encoded and decoded again after training; any difference is a broken tokenizer.
 ROUND_TRIP_DOCS = 200
 
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def ranks_text(ranks: list[bytes]) -> str:
@@ -99,13 +95,12 @@ class Tokenizer:
     def save(self, directory) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(d / RANKS_FILE, ranks_text(self.ranks).encode("ascii"))
-        tmp = d / (TOKEN_BYTES_FILE + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, self.token_bytes)
-        os.replace(tmp, d / TOKEN_BYTES_FILE)
+        atomic_write(d / RANKS_FILE, ranks_text(self.ranks).encode("ascii"))
+        buf = io.BytesIO()
+        np.save(buf, self.token_bytes)
+        atomic_write(d / TOKEN_BYTES_FILE, buf.getvalue())
         # Metadata last: a tokenizer directory without it is incomplete.
-        _atomic_write_bytes(d / META_FILE, (json.dumps(self.metadata(), indent=1) + "\n").encode())
+        atomic_write(d / META_FILE, json.dumps(self.metadata(), indent=1) + "\n")
 
     def round_trip_check(self, texts) -> int:
         """Encode+decode `texts`; raise DataError on the first mismatch. Returns the number checked."""

@@ -14,7 +14,6 @@ same way.
 import hashlib
 import json
 import math
-import os
 import platform
 import re
 from datetime import datetime, timezone
@@ -221,19 +220,9 @@ def file_hashes(paths, root=None) -> dict:
 
 def write_record(path, record: dict) -> None:
     """Write `record` as JSON atomically: a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: workers may share a dir
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from ..atomic import atomic_write
+
+    atomic_write(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 # --- fast-fail -------------------------------------------------------------------------------

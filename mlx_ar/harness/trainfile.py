@@ -7,7 +7,6 @@ the module sees them exactly as if they had been written there.
     train = load_train("train.py", {"DEPTH": 2})
     model = train.build_model(vocab_size, seq_len)
 """
-import importlib.util
 import itertools
 import sys
 import types

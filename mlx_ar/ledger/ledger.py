@@ -20,44 +20,14 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..atomic import atomic_write  # noqa: F401  (re-exported for the ledger modules)
+
 from .format import (NOISE_FILE, RECEIPT_SCHEMA, RECEIPTS_DIR, RESULTS_FILE, format_row, header_line,
                      parse_receipt, parse_results, receipt_name)
 
 
 class LedgerError(RuntimeError):
     """The ledger on disk cannot be read or written (the message names the file)."""
-
-
-# --- atomic files --------------------------------------------------------------------------------
-def atomic_write(path, data) -> None:
-    """Write `data` (str, bytes, or an iterable of them) to `path` atomically.
-
-    The content goes to a temporary file in the same directory, is fsynced, then replaces
-    `path`; if anything fails on the way (including the iterable raising), `path` is untouched
-    and the temporary file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    chunks = [data] if isinstance(data, (str, bytes)) else data
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk.encode() if isinstance(chunk, str) else chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def dump_json(data) -> str:
