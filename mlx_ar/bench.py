@@ -5,7 +5,8 @@
     mlx-ar bench loader                      # packed tokens/s from the prepared dataset
 
 `bench train` feeds random tokens at the contract's vocabulary and sequence length, so it
-needs no prepared data and measures the model and optimizer alone.
+needs no prepared data and measures the model and optimizer alone; `--data NAME` feeds the
+packed batches of a prepared dataset instead (real token statistics, loader included).
 """
 import json
 
@@ -26,25 +27,32 @@ def bench_command():
 @click.option("--profile", type=click.Choice(sorted(constants.PROFILES)), default="real", show_default=True)
 @click.option("--steps", type=int, default=20, show_default=True, help="timed steps after warmup")
 @click.option("--warmup", type=int, default=3, show_default=True, help="untimed steps (compilation)")
+@click.option("--data", default=None, help="feed this prepared dataset's batches instead of random tokens")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
-def bench_train(backend, train_file, overrides, profile, steps, warmup, as_json):
-    """Time training steps of the current recipe on random tokens."""
+def bench_train(backend, train_file, overrides, profile, steps, warmup, data, as_json):
+    """Time training steps of the current recipe (random tokens unless --data)."""
     from .harness.trainfile import parse_overrides
 
-    figures = run_train_bench(backend, train_file, parse_overrides(overrides), constants.PROFILES[profile],
-                              steps, warmup, echo=None if as_json else click.echo)
+    dataset = None
+    if data is not None:
+        from .data import open_dataset
+
+        dataset = open_dataset(data)
+    figures = run_train_bench(backend, train_file, parse_overrides(overrides),
+                              dataset.profile if dataset else constants.PROFILES[profile],
+                              steps, warmup, echo=None if as_json else click.echo, dataset=dataset)
     if as_json:
         click.echo(json.dumps(figures))
 
 
-def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup, echo=print, seed=0):
+def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup, echo=print, seed=0, dataset=None):
     import time
 
     import numpy as np
 
     from .backends import get_backend
     from .harness.hardware import mfu_percent
-    from .harness.main import batch_geometry
+    from .harness.main import batch_geometry, micro_batches
     from .recipe import apply_recipe, parse_recipe
     from pathlib import Path
 
@@ -57,26 +65,33 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
     T, V = profile.max_seq_len, profile.vocab_size
     rows, n_micro, device_rows = batch_geometry(recipe, T)
     backend.build(recipe, V, T, seed)
-    rng = np.random.default_rng(seed)
-    batches = [rng.integers(0, V, (2, n_micro, device_rows, T), dtype=np.uint16) for _ in range(2)]
+    if dataset is not None:
+        stream = micro_batches(dataset.train_batches(rows, T, seed=seed), n_micro, device_rows)
+        next_batch = lambda i: next(stream)[:2]  # noqa: E731
+    else:
+        rng = np.random.default_rng(seed)
+        random = [rng.integers(0, V, (2, n_micro, device_rows, T), dtype=np.uint16) for _ in range(2)]
+        next_batch = lambda i: random[i % 2]  # noqa: E731
     backend.set_hyper(1.0, recipe.get("MUON_MOMENTUM", 0.95), 0.0)
     if echo:
         echo(f"bench: {backend.name} on {backend.device_name()} | {backend.num_params / 1e6:.2f}M params | "
              f"{rows * T:,} tokens/step ({n_micro} x {device_rows} x {T}) | vocab {V}")
     t_compile = time.perf_counter()
     for i in range(warmup):
-        backend.loss_value(backend.step(*batches[i % 2]))
+        backend.loss_value(backend.step(*next_batch(i)))
     compile_s = time.perf_counter() - t_compile
     times = []
     for i in range(steps):
+        batch = next_batch(i)
         t0 = time.perf_counter()
-        backend.loss_value(backend.step(*batches[i % 2]))
+        backend.loss_value(backend.step(*batch))
         times.append(time.perf_counter() - t0)
     step_s = float(np.median(times))
     opt_s = backend.time_optimizer()
     tok_s = rows * T / step_s
     figures = {
         "backend": backend.name, "device": backend.device_name(), "recipe_overrides": overrides,
+        "tokens": f"dataset {dataset.name}" if dataset is not None else "random",
         "num_params_M": round(backend.num_params / 1e6, 2), "tokens_per_step": rows * T,
         "warmup_seconds": round(compile_s, 2), "ms_per_step": round(step_s * 1e3, 2),
         "ms_per_step_mean": round(float(np.mean(times)) * 1e3, 2), "tok_per_sec": round(tok_s),

@@ -198,3 +198,19 @@ def test_cli_help_loads_no_framework():
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_bench_train_reports_figures_on_random_and_real_tokens(demo_cache, monkeypatch):
+    from mlx_ar.bench import run_train_bench
+    from mlx_ar.constants import DEMO
+
+    from _train_utils import TINY
+
+    monkeypatch.setenv("MLX_AR_CACHE", str(demo_cache))
+    for dataset in (None, open_dataset("demo")):
+        figures = run_train_bench("mlx", TRAIN_PY, TINY, DEMO, steps=2, warmup=1, echo=None, dataset=dataset)
+        assert figures["tok_per_sec"] > 0 and figures["ms_per_step"] > 0
+        assert 0 < figures["optimizer_share_percent"] < 100 and figures["peak_memory_mb"] > 0
+        assert figures["mfu_percent"] is None  # no honest peak for a CPU
+        assert figures["tokens"] == ("random" if dataset is None else "dataset demo")
+        assert figures["recipe_overrides"]["DEPTH"] == TINY["DEPTH"]
