@@ -147,7 +147,6 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     from .schedules import Schedule
     from .summary import FastFail, budget_label, file_hashes
 
-    schedule = Schedule.from_recipe(recipe)
     ds = open_dataset(args.data)
     profile = ds.profile
     budget = float(args.smoke) if args.smoke is not None else float(profile.time_budget)
@@ -158,8 +157,8 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     if overrides:
         recipe = {**recipe, **overrides}
         fields["recipe"] = recipe
-        schedule = Schedule.from_recipe(recipe)
         print(f"{profile.name} profile: recipe overrides {overrides}", flush=True)
+    schedule = Schedule.from_recipe(recipe)
     contract, contract_parts = ds.contract
     fields.update(dataset=ds.name, profile=profile.name, time_budget=budget, contract=contract,
                   contract_parts=contract_parts)
