@@ -220,6 +220,16 @@ def build_standard(root: Path):
     return camp
 
 
+@pytest.fixture(scope="module")
+def standard(tmp_path_factory):
+    """The standard campaign, built once per test module that imports this fixture."""
+    old = set_identity_env()
+    try:
+        yield build_standard(tmp_path_factory.mktemp("std") / "repo")
+    finally:
+        restore_env(old)
+
+
 # --- the builder's own checks ----------------------------------------------------------------
 
 

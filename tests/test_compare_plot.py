@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_compare_builder import Campaign, build_standard, git_identity, restore_env, set_identity_env  # noqa: E402
+from test_compare_builder import Campaign, git_identity, standard  # noqa: E402
 
 from mlx_ar.compare.branches import CompareError, list_branches, open_repo, read_branch  # noqa: E402
 from mlx_ar.compare.cli import plot_command  # noqa: E402
@@ -14,18 +14,9 @@ from mlx_ar.compare.analysis import summarize  # noqa: E402
 from mlx_ar.compare.plot import _rows, _series, _y_limits, plot_progress  # noqa: E402
 from test_compare_builder import CONTRACT_DEMO, CONTRACT_REAL  # noqa: E402
 
-__all__ = ["git_identity"]
+__all__ = ["git_identity", "standard"]  # fixtures, imported to apply here
 
 pytest.importorskip("matplotlib")  # the `plot` extra; CI installs it
-
-
-@pytest.fixture(scope="module")
-def standard(tmp_path_factory):
-    old = set_identity_env()
-    try:
-        yield build_standard(tmp_path_factory.mktemp("std") / "repo")
-    finally:
-        restore_env(old)
 
 
 def _ledgers(camp):

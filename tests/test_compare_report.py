@@ -10,8 +10,7 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_compare_builder import (  # noqa: E402
-    CONTRACT_DEMO, CONTRACT_REAL, BranchBuilder, Campaign, build_standard, git_identity, restore_env,
-    set_identity_env,
+    CONTRACT_DEMO, CONTRACT_REAL, BranchBuilder, Campaign, git_identity, standard,
 )
 
 from mlx_ar.compare.branches import (  # noqa: E402
@@ -20,16 +19,7 @@ from mlx_ar.compare.branches import (  # noqa: E402
 from mlx_ar.compare.cli import compare_command  # noqa: E402
 from mlx_ar.compare.report import build_report, format_text  # noqa: E402
 
-__all__ = ["git_identity"]  # the autouse fixture must be importable here to apply
-
-
-@pytest.fixture(scope="module")
-def standard(tmp_path_factory):
-    old = set_identity_env()
-    try:
-        yield build_standard(tmp_path_factory.mktemp("std") / "repo")
-    finally:
-        restore_env(old)
+__all__ = ["git_identity", "standard"]  # fixtures must be importable here to apply
 
 
 def _report(camp, names=None):
