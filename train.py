@@ -112,8 +112,33 @@ def window_mask(seq_len, window):
     return (j <= i) & (i - j < window)
 
 
+def window_bias(seq_len, window, dtype=DTYPE):
+    """The window as an additive (T, T) mask (0 where visible, -inf elsewhere) in `dtype`.
+
+    SDPA converts a boolean mask to this form on every call; built once, the short-window
+    layers ran 1.7x faster through MLX's CUDA attention (H100, B=16, T=2048).
+    """
+    return mx.where(window_mask(seq_len, window), mx.array(0.0, dtype), mx.array(-math.inf, dtype))
+
+
 def rms_norm(x):
     return mx.fast.rms_norm(x, None, 1e-6)
+
+
+@mx.custom_function
+def embed(table, idx):
+    """Rows of `table` (V, d) at token ids `idx`."""
+    return table[idx]
+
+
+@embed.vjp
+def _embed_vjp(primals, cotangent, output):
+    # The gradient is accumulated in float32: bf16 scatter-adds serialize on frequent tokens
+    # (20x slower on real text than on random ids) and round away most of a frequent row's sum.
+    table, idx = primals
+    d = table.shape[-1]
+    grad = mx.zeros(table.shape, mx.float32).at[idx.reshape(-1)].add(cotangent.reshape(-1, d).astype(mx.float32))
+    return grad.astype(table.dtype), mx.zeros_like(idx)
 
 
 def uniform(shape, bound):
@@ -197,15 +222,15 @@ class GPT(nn.Module):
         self.x0_lambdas = mx.full((cfg.n_layer,), X0_LAMBDA_INIT, dtype=DTYPE)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, init="normal", std=LM_HEAD_INIT_STD)
         # Masks are constants, not parameters: kept out of the parameter tree by the leading underscore.
-        self._masks = {w: ("causal" if w >= cfg.seq_len else window_mask(cfg.seq_len, w)) for w in set(cfg.windows)}
+        self._masks = {w: ("causal" if w >= cfg.seq_len else window_bias(cfg.seq_len, w)) for w in set(cfg.windows)}
 
     def hidden(self, idx):
         """Final normed hidden states (B, T, d_model) in DTYPE."""
         T = idx.shape[1]
-        x = x0 = rms_norm(self.wte[idx])
+        x = x0 = rms_norm(embed(self.wte, idx))
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[f"layer{i}"][idx] if f"layer{i}" in self.value_embeds else None
+            ve = embed(self.value_embeds[f"layer{i}"], idx) if f"layer{i}" in self.value_embeds else None
             mask = self._masks[self.cfg.windows[i]]
             if not isinstance(mask, str) and T != self.cfg.seq_len:
                 mask = mask[:T, :T]
@@ -229,8 +254,9 @@ class GPT(nn.Module):
 def softcap_cross_entropy(z, targets):
     """Cross-entropy (nats, float32) of soft-capped logits, from the raw bf16 logits z (B, T, V).
 
-    The hand-written gradient keeps only z alive for the backward pass and recomputes the rest,
-    so a step holds one bf16 copy of the logits instead of several float32 ones.
+    The hand-written gradient keeps only z alive for the backward pass and rebuilds the
+    log-partition from the loss, so the backward is one fused pass over z (read bf16, write
+    bf16) instead of several float32 copies of the logits and a separate softmax.
     """
     zc = LOGIT_SOFTCAP * mx.tanh(z.astype(mx.float32) / LOGIT_SOFTCAP)
     return mx.logsumexp(zc, axis=-1) - mx.take_along_axis(zc, targets[..., None], axis=-1)[..., 0]
@@ -239,10 +265,12 @@ def softcap_cross_entropy(z, targets):
 @softcap_cross_entropy.vjp
 def _softcap_cross_entropy_vjp(primals, cotangent, output):
     z, targets = primals
+    # log-partition = loss + capped target logit (recomputed from the one gathered bf16 value per row)
+    zt = mx.take_along_axis(z, targets[..., None], axis=-1).astype(mx.float32)
+    lse = output[..., None] + LOGIT_SOFTCAP * mx.tanh(zt / LOGIT_SOFTCAP)
     th = mx.tanh(z.astype(mx.float32) / LOGIT_SOFTCAP)
-    p = mx.softmax(LOGIT_SOFTCAP * th, axis=-1)
     onehot = mx.arange(z.shape[-1]) == targets[..., None]
-    dz = cotangent[..., None] * (p - onehot) * (1 - th * th)
+    dz = cotangent[..., None] * (mx.exp(LOGIT_SOFTCAP * th - lse) - onehot) * (1 - th * th)
     return dz.astype(z.dtype), mx.zeros_like(targets)
 
 

@@ -15,8 +15,9 @@ agent may edit besides that recipe; train.py's MLX code does not run there.
 
 The model computes what train.py's MLX GPT computes: bf16 weights and residual stream, fp32
 logits and loss, the same parameter names and init rules (tests load MLX weights into it and
-compare losses, gradients and one optimizer step). Attention runs through flex_attention with
-block masks when the model is compiled on a GPU, and through SDPA with a boolean mask otherwise.
+compare losses, gradients and one optimizer step). Full-context layers use SDPA's causal
+kernels; short windows run through flex_attention with block masks when the model is compiled
+on a GPU, and through SDPA with a boolean mask otherwise.
 """
 import math
 from dataclasses import dataclass
@@ -195,8 +196,9 @@ class Block(nn.Module):
 class Masks:
     """Sliding-window attention for every layer, with the masks built once.
 
-    flex_attention skips the blocks a window never reaches, but is fast only inside
-    torch.compile on a GPU; everywhere else (CPU, eager evaluation) SDPA takes a boolean mask.
+    Full-context layers use SDPA's causal kernels. Short windows use flex_attention, which skips
+    the blocks a window never reaches but is fast only inside torch.compile on a GPU; everywhere
+    else (CPU, eager evaluation) SDPA takes a boolean mask.
     """
 
     def __init__(self, seq_len: int, windows):
@@ -219,17 +221,18 @@ class Masks:
             return mask_mod
 
         T = self.seq_len
-        self.block_masks = {w: create_block_mask(sliding(w), None, None, T, T, device=device) for w in self.windows}
+        self.block_masks = {w: create_block_mask(sliding(w), None, None, T, T, device=device)
+                            for w in self.windows if w < T}
 
     def attend(self, q, k, v, window, scale):
         """q, k, v: (B, H, T, D) -> (B, H, T, D)."""
         T = q.size(-2)
+        if window >= T:  # plain causal: SDPA's fused kernels (flash / cuDNN) beat flex_attention here
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         if self.block_masks is not None and T == self.seq_len and torch.compiler.is_compiling():
             from torch.nn.attention.flex_attention import flex_attention
 
             return flex_attention(q, k, v, block_mask=self.block_masks[window], scale=scale)
-        if window >= T:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         mask = self.bool_masks[window] if T == self.seq_len else window_mask(T, window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
@@ -333,6 +336,34 @@ class OptimizerConfig:
 
 
 @torch.no_grad()
+def adam_update(p, g, m, v, lr, decay: bool, hyper, cfg: OptimizerConfig):
+    """AdamW on one tensor, in place; lr is a 0-d float32 tensor, decay says whether weight decay applies."""
+    step, lr_mult, _, wd = hyper
+    b1, b2 = cfg.betas
+    g = g.float()
+    m.mul_(b1).add_((1 - b1) * g)
+    v.mul_(b2).add_((1 - b2) * g.square())
+    step_lr = lr * lr_mult
+    p32 = p.float()
+    if decay:
+        p32 = p32 * (1 - step_lr * wd)
+    p.copy_((p32 - step_lr * (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + cfg.eps)).to(p.dtype))
+
+
+@torch.no_grad()
+def muon_update(params, grads, buf, lr_scale: float, hyper, cfg: OptimizerConfig):
+    """Muon on one stack of same-shape matrices, in place; buf is their stacked float32 momentum."""
+    step, lr_mult, mom, wd = hyper
+    G = torch.stack(grads).float()
+    buf.mul_(mom).add_((1 - mom) * G)
+    # Nesterov look-ahead, orthogonalized in NS_DTYPE (the momentum itself stays float32).
+    update = newton_schulz((mom * buf + (1 - mom) * G).to(NS_DTYPE), cfg.ns_steps, cfg.ns_coeffs).float()
+    lr = cfg.matrix_lr * lr_scale * lr_mult
+    P = torch.stack(params).float() * (1 - lr * wd) - lr * update
+    torch._foreach_copy_(params, list(P.to(params[0].dtype).unbind(0)))
+
+
+@torch.no_grad()
 def muon_adamw_update(adam, muon, hyper, cfg: OptimizerConfig):
     """One MuonAdamW step, in place. Plain tensor code so torch.compile can fuse it whole.
 
@@ -340,28 +371,11 @@ def muon_adamw_update(adam, muon, hyper, cfg: OptimizerConfig):
     muon:  (params, grads, buf, lr_scale) per group of same-shape matrices; buf is their stacked momentum
     hyper: step, lr_mult, momentum, weight_decay as 0-d float32 tensors (changed without recompiling)
     """
-    step, lr_mult, mom, wd = hyper
-    step.add_(1)
-    b1, b2 = cfg.betas
-    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    hyper[0].add_(1)
     for p, g, m, v, lr, decay in zip(*adam):
-        g = g.float()
-        m.mul_(b1).add_((1 - b1) * g)
-        v.mul_(b2).add_((1 - b2) * g.square())
-        step_lr = lr * lr_mult
-        p32 = p.float()
-        if decay:
-            p32 = p32 * (1 - step_lr * wd)
-        p.copy_((p32 - step_lr * (m / bc1) / ((v / bc2).sqrt() + cfg.eps)).to(p.dtype))
+        adam_update(p, g, m, v, lr, decay, hyper, cfg)
     for params, grads, buf, lr_scale in muon:
-        G = torch.stack(grads).float()
-        buf.mul_(mom).add_((1 - mom) * G)
-        # Nesterov look-ahead, orthogonalized in NS_DTYPE (the momentum itself stays float32).
-        update = newton_schulz((mom * buf + (1 - mom) * G).to(NS_DTYPE), cfg.ns_steps, cfg.ns_coeffs).float()
-        lr = cfg.matrix_lr * lr_scale * lr_mult
-        P = torch.stack(params).float() * (1 - lr * wd) - lr * update
-        for i, p in enumerate(params):
-            p.copy_(P[i].to(p.dtype))
+        muon_update(params, grads, buf, lr_scale, hyper, cfg)
 
 
 class MuonAdamW:
@@ -410,10 +424,17 @@ class MuonAdamW:
             "buf": {s: torch.zeros((len(ns), *s), dtype=torch.float32, device=device)
                     for s, ns in self.muon_stacks.items()},
         }
+        # Base learning rates as 0-d tensors: a compiled update does not bake them in, so a recipe
+        # that only changes a learning rate reuses the compiled code.
+        self.adam_lrs = [scalar(self.groups[n][1]) for n in self.adam_names]
         self.update_fn = muon_adamw_update
 
     def compile(self, **options):
-        """Compile the update (one fused graph for all groups); `options` go to torch.compile."""
+        """Compile the update (one fused graph for all groups); `options` go to torch.compile.
+
+        One whole graph both compiles faster and runs faster than a graph per group (measured
+        on an H100: 15.5 s and 2.2 ms a step against 21.6 s and 4.5 ms at DEPTH 8).
+        """
         self.update_fn = torch.compile(muon_adamw_update, fullgraph=True, dynamic=False, **options)
 
     def set_hyper(self, lr_mult, muon_momentum, weight_decay):
@@ -429,7 +450,7 @@ class MuonAdamW:
             raise RuntimeError(f"no gradient for {', '.join(missing[:3])}: call loss.backward() before step()")
         names = self.adam_names
         adam = ([P[n] for n in names], [P[n].grad for n in names], [s["m"][n] for n in names],
-                [s["v"][n] for n in names], [self.groups[n][1] for n in names],
+                [s["v"][n] for n in names], self.adam_lrs,
                 [self.groups[n][0] == "adam_wd" for n in names])
         muon = [([P[n] for n in ns], [P[n].grad for n in ns], s["buf"][shape], max(1.0, shape[-2] / shape[-1]) ** 0.5)
                 for shape, ns in self.muon_stacks.items()]

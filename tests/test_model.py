@@ -75,14 +75,19 @@ def test_window_mask_matches_naive_reference(t):
             for j in range(T):
                 naive[i, j] = j <= i and i - j < window
         assert (mask == naive).all(), window
+        bias = t.window_bias(T, window)
+        assert bias.dtype == t.DTYPE
+        assert (np.array(bias.astype(mx.float32)) == np.where(naive, 0.0, -np.inf)).all(), window
 
 
-def test_short_window_attention_equals_naive_softmax(t):
-    """The fused SDPA with our boolean mask equals attention computed by hand."""
+@pytest.mark.parametrize("mask", ["bool", "bias"])
+def test_short_window_attention_equals_naive_softmax(t, mask):
+    """The fused SDPA with our window mask (boolean, or the additive bias the model uses) equals attention by hand."""
     rng = np.random.default_rng(0)
     q, k, v = (mx.array(rng.standard_normal((1, 2, T, 8)).astype(np.float32)) for _ in range(3))
     window = 5
-    out = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask=t.window_mask(T, window)))
+    m = t.window_mask(T, window) if mask == "bool" else t.window_bias(T, window, mx.float32)
+    out = np.array(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.5, mask=m))
     qn, kn, vn = np.array(q), np.array(k), np.array(v)
     s = qn @ kn.transpose(0, 1, 3, 2) * 0.5
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
@@ -237,3 +242,26 @@ def test_softcap_cross_entropy_gradient_matches_autodiff(t):
     g = mx.grad(lambda z: (t.softcap_cross_entropy(z, y) * w).sum())(z).astype(mx.float32)
     np.testing.assert_allclose(np.array(g), np.array(g_ref), atol=1e-2)
     assert mx.abs(g_ref).max().item() > 0.1
+
+
+def test_embedding_gradient_accumulates_repeated_tokens_in_float32(t):
+    rng = np.random.default_rng(0)
+    V, d = 16, 8
+    table = mx.array(rng.standard_normal((V, d)).astype(np.float32)).astype(mx.bfloat16)
+    # a Zipf-like batch: token 3 appears 600 times, as frequent words do in real text
+    idx = np.concatenate([np.full(600, 3), rng.integers(0, V, 200)]).reshape(4, 200)
+    ct = (1e-2 * rng.standard_normal((4, 200, d)) + 0.05).astype(np.float32)
+    ref = np.zeros((V, d))
+    np.add.at(ref, idx.ravel(), ct.reshape(-1, d).astype(np.float64))
+
+    idx_mx, ct_mx = mx.array(idx), mx.array(ct).astype(mx.bfloat16)
+    out, vjp = mx.vjp(lambda w: t.embed(w, idx_mx), [table], [ct_mx])
+    assert out[0].dtype == mx.bfloat16 and out[0].shape == (4, 200, d)
+    assert mx.array_equal(out[0], table[idx_mx]).item()
+    grad = np.array(vjp[0].astype(mx.float32))
+    assert vjp[0].dtype == mx.bfloat16
+    # float32 accumulation leaves only the final bf16 rounding (~0.4%); a bf16 running sum of
+    # 600 terms drifts by far more
+    np.testing.assert_allclose(grad, ref, rtol=1e-2, atol=1e-3)
+    bf16_sum = np.array(mx.zeros((V, d), mx.bfloat16).at[idx_mx.reshape(-1)].add(ct_mx.reshape(-1, d)).astype(mx.float32))
+    assert np.abs(bf16_sum[3] - ref[3]).max() > np.abs(grad[3] - ref[3]).max()
