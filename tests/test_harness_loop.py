@@ -35,19 +35,26 @@ class FakeClock:
 
 
 class FakeBackend:
+    """A device that runs the queued steps in order, `clock.dt` seconds each; reading a loss waits for it."""
+
     def __init__(self, losses, clock):
         self.losses, self.clock = list(losses), clock
         self.hypers, self.steps, self.flops_per_token = [], [], 1.0
+        self.finished = 0                   # steps the fake device has completed
+        self.max_queued = 0
 
     def set_hyper(self, lr_mult, muon_momentum, weight_decay):
         self.hypers.append((lr_mult, muon_momentum, weight_decay))
 
     def step(self, inputs, targets):
         self.steps.append(inputs.copy())
-        self.clock.advance()
+        self.max_queued = max(self.max_queued, len(self.steps) - self.finished)
         return len(self.steps) - 1
 
     def loss_value(self, handle):
+        while self.finished <= handle:
+            self.clock.advance()
+            self.finished += 1
         return self.losses[handle]
 
 
@@ -61,13 +68,18 @@ def batches(shape=(2, 3, 4)):
 RECIPE = read_recipe(TRAIN_PY)
 
 
-def test_loop_runs_to_budget_with_schedule_and_warmup_excluded():
+@pytest.mark.parametrize("queue_ahead", [True, False])
+def test_loop_runs_to_budget_with_schedule_and_warmup_excluded(queue_ahead):
     clock = FakeClock(dt=1.0)
     backend = FakeBackend([5.0 - 0.1 * i for i in range(50)], clock)
     schedule = Schedule.from_recipe(RECIPE)
     budget = BudgetClock(10, warmup_steps=1, now=clock)
     seen = []
-    result = train_loop(backend, batches(), budget, schedule, tokens_per_step=24, on_step=seen.append)
+    result = train_loop(backend, batches(), budget, schedule, tokens_per_step=24, on_step=seen.append,
+                        queue_ahead=queue_ahead)
+    # one step runs while the next waits behind it, never more; none while compiling
+    assert backend.max_queued == (2 if queue_ahead else 1)
+    assert backend.finished == len(backend.steps)            # every dispatched step was finished and counted
     # 1 warmup step + 10 counted steps of 1 s each
     assert result.steps == 11 and result.counted_steps == 10
     assert result.training_seconds == 10 and result.warmup_seconds == 1
@@ -82,13 +94,28 @@ def test_loop_runs_to_budget_with_schedule_and_warmup_excluded():
     assert seen[-1].remaining_seconds == 0 and seen[-1].progress == 1.0
 
 
+def test_queued_steps_with_uneven_step_times_stop_within_a_step_of_the_budget():
+    class Jitter(FakeClock):
+        def advance(self):
+            self.t += (0.5, 1.5, 0.7, 1.3)[int(self.t * 10) % 4]
+
+    clock = Jitter(dt=None)
+    backend = FakeBackend([3.0] * 100, clock)
+    seen = []
+    result = train_loop(backend, batches(), BudgetClock(20, now=clock), Schedule.from_recipe(RECIPE), 24,
+                        on_step=seen.append)
+    assert 20 <= result.training_seconds < 20 + 1.5
+    assert backend.finished == len(backend.steps) == result.steps
+    assert sum(info.seconds for info in seen if info.counted) == pytest.approx(result.training_seconds)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 101.0])
 def test_fast_fail_on_injected_bad_loss(bad):
     clock = FakeClock(dt=1.0)
     backend = FakeBackend([4.0, 3.9, bad, 3.8, 3.7], clock)
     with pytest.raises(FastFail, match="at step 3"):
         train_loop(backend, batches(), BudgetClock(100, now=clock), Schedule.from_recipe(RECIPE), 24)
-    assert len(backend.steps) == 3  # stopped at once, no further step
+    assert len(backend.steps) == 4  # stopped when step 3's loss was read; only step 4 was queued behind it
 
 
 def test_gc_is_frozen_and_disabled_after_the_first_step():

@@ -1,9 +1,17 @@
 """The training loop every backend runs through.
 
 It owns the order of events in a step and nothing device-specific: schedules are applied
-before the step, the next batch is fetched while the device works, the loss is read once per
-step (that read is the step's synchronization point, so the clock times real device work),
-and fast-fail, gc control and progress reporting follow.
+before each step, the next batch is fetched while the device works, the loss is read once per
+step, and fast-fail, gc control and progress reporting follow.
+
+After the warmup (compile) steps the loop keeps one step queued behind the running one: step
+k+1 is handed to the backend before step k's loss is read, so the device never idles while the
+host builds the next step. Reading a loss is the synchronization point; a step's time is the
+wall time between consecutive reads, which is the device time of that step once the queue is
+full. The next step is queued only while the budget is not expected to run out before it
+starts, so the run stops where a one-step-at-a-time loop would (within a step); a step that
+was queued is always finished and counted, never dropped. Fast-fail fires when the bad loss is
+read, with at most one more step already queued.
 
     result = train_loop(backend, batches, clock, schedule, tokens_per_step, on_step=print_progress)
 """
@@ -38,25 +46,46 @@ class LoopResult:
 
 
 def train_loop(backend, batches: Iterator, clock, schedule, tokens_per_step: int, *,
-               on_step: Callable[[StepInfo], None] | None = None, gc_control=None) -> LoopResult:
-    """Run steps until the clock's budget is spent. Raises summary.FastFail on a bad loss."""
-    inputs, targets, epoch = next(batches)
-    loss = None
-    while not clock.done:
-        hyper = schedule.hyper(clock.steps, clock.progress)
+               on_step: Callable[[StepInfo], None] | None = None, gc_control=None,
+               queue_ahead: bool = True) -> LoopResult:
+    """Run steps until the clock's budget is spent. Raises summary.FastFail on a bad loss.
+
+    queue_ahead=False runs one step at a time (each step's loss read before the next starts).
+    """
+    source = iter(batches)
+
+    def dispatch(step_index, progress):
+        inputs, targets, epoch = next(source)
+        hyper = schedule.hyper(step_index, progress)
         backend.set_hyper(**hyper)
-        clock.step_started()
-        handle = backend.step(inputs, targets)
-        step_epoch = epoch
-        inputs, targets, epoch = next(batches)      # overlaps with the device's work
+        return backend.step(inputs, targets), hyper, epoch
+
+    queued = None                   # the step waiting behind the running one: (handle, hyper, epoch)
+    loss, epoch, step_seconds = None, 0, 0.0
+    while queued is not None or not clock.done:
+        if queued is None:
+            clock.step_started()
+            running = dispatch(clock.steps, clock.progress)
+        else:
+            running, queued = queued, None
+        # Queue the next step unless this one compiles (its time must stay apart) or the budget
+        # is expected to be spent when this one ends.
+        expected = clock.training_seconds + step_seconds
+        if queue_ahead and not clock.in_warmup and expected < clock.budget_s:
+            queued = dispatch(clock.steps + 1, min(1.0, expected / clock.budget_s))
+        handle, hyper, epoch = running
         loss = backend.loss_value(handle)
         seconds = clock.step_finished()
+        counted = clock.steps > clock.warmup_steps
+        step_seconds = seconds if counted else 0.0
+        if queued is not None:
+            clock.step_started()    # the queued step runs on the device from here
         check_loss(loss, clock.steps)
         if gc_control is not None:
             gc_control.after_step(clock.steps)
         if on_step is not None:
             on_step(StepInfo(clock.steps, loss, seconds, hyper, clock.progress, clock.remaining_seconds,
-                             step_epoch, clock.steps > clock.warmup_steps))
+                             epoch, counted))
     return LoopResult(
         steps=clock.steps, counted_steps=clock.counted_steps, training_seconds=clock.training_seconds,
         warmup_seconds=clock.excluded_seconds, tokens=clock.steps * tokens_per_step,
