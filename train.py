@@ -304,8 +304,8 @@ def newton_schulz(G, steps=None, coeffs=None):
     X = X / (norm + 1e-7).astype(X.dtype)
     for _ in range(steps):
         A = X @ X.swapaxes(-1, -2)
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = mx.addmm(A, A, A, alpha=c, beta=b)     # b * A + c * A @ A, in the matmul's epilogue
+        X = mx.addmm(X, B, X, alpha=1.0, beta=a)   # a * X + B @ X
     return X.swapaxes(-1, -2) if tall else X
 
 
@@ -313,7 +313,8 @@ class MuonAdamW:
     """Muon for 2-D block matrices, AdamW for embeddings, lm_head and scalars.
 
     Parameters are grouped by role from their path in the model tree. Muon matrices of the same
-    shape are orthogonalized together as one batched stack (few, large kernels instead of many).
+    shape up to a transpose are orthogonalized together as one batched stack, tall ones
+    transposed to wide (few, large kernels instead of many).
     Hyperparameters that follow the schedule (lr multiplier, Muon momentum, weight decay) live in
     `state` as arrays, so the harness sets them outside the compiled step without recompiling.
     """
@@ -334,10 +335,11 @@ class MuonAdamW:
                 self.groups[path] = ("muon", MATRIX_LR)
             else:
                 self.groups[path] = ("adam_wd", ADAMW_MATRIX_LR * scale)
-        self.muon_stacks = {}                              # shape -> [paths], stacked for one NS call
+        self.muon_stacks = {}                              # (rows, cols) wide -> [paths], one NS call each
         for path, (kind, _) in self.groups.items():
             if kind == "muon":
-                self.muon_stacks.setdefault(tuple(params[path].shape), []).append(path)
+                rows, cols = params[path].shape
+                self.muon_stacks.setdefault((min(rows, cols), max(rows, cols)), []).append(path)
         self.state = {
             "step": mx.array(0, dtype=mx.float32),
             "lr_mult": mx.array(1.0, dtype=mx.float32),
@@ -379,17 +381,19 @@ class MuonAdamW:
             p = p - step_lr * (m / bc1) / (mx.sqrt(v / bc2) + ADAM_EPS)
             new[path] = p.astype(params[path].dtype)
         mom = s["momentum"]
-        for shape, paths in self.muon_stacks.items():
-            G = mx.stack([grads[k] for k in paths]).astype(mx.float32)
-            buf = mom * mx.stack([s["buf"][k] for k in paths]) + (1 - mom) * G
+        for paths in self.muon_stacks.values():
+            wide = lambda a: a.T if a.shape[0] > a.shape[1] else a   # noqa: E731
+            G = mx.stack([wide(grads[k]) for k in paths]).astype(mx.float32)
+            buf = mom * mx.stack([wide(s["buf"][k]) for k in paths]) + (1 - mom) * G
             # Nesterov look-ahead, orthogonalized in NS_DTYPE (the momentum itself stays float32).
             update = newton_schulz((mom * buf + (1 - mom) * G).astype(NS_DTYPE)).astype(mx.float32)
-            lr = MATRIX_LR * lr_mult * max(1.0, shape[-2] / shape[-1]) ** 0.5
-            P = mx.stack([params[k] for k in paths])
-            P32 = P.astype(mx.float32) * (1 - lr * wd) - lr * update
             for i, k in enumerate(paths):
-                s["buf"][k] = buf[i]
-                new[k] = P32[i].astype(P.dtype)
+                rows, cols = params[k].shape
+                lr = MATRIX_LR * lr_mult * max(1.0, rows / cols) ** 0.5
+                tall = rows > cols
+                s["buf"][k] = buf[i].T if tall else buf[i]
+                p32 = params[k].astype(mx.float32) * (1 - lr * wd) - lr * (update[i].T if tall else update[i])
+                new[k] = p32.astype(params[k].dtype)
         model.update(tree_unflatten(list(new.items())))
 
 

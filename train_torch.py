@@ -351,16 +351,21 @@ def adam_update(p, g, m, v, lr, decay: bool, hyper, cfg: OptimizerConfig):
 
 
 @torch.no_grad()
-def muon_update(params, grads, buf, lr_scale: float, hyper, cfg: OptimizerConfig):
-    """Muon on one stack of same-shape matrices, in place; buf is their stacked float32 momentum."""
+def muon_update(params, grads, buf, lr_scales, hyper, cfg: OptimizerConfig):
+    """Muon on one stack of matrices of one shape up to a transpose, in place.
+
+    Tall matrices enter the stack transposed (wide); buf is the stacked float32 momentum in that
+    wide layout; lr_scales are the per-matrix shape factors max(1, rows / cols) ** 0.5.
+    """
     step, lr_mult, mom, wd = hyper
-    G = torch.stack(grads).float()
+    G = torch.stack([g.mT if g.size(0) > g.size(1) else g for g in grads]).float()
     buf.mul_(mom).add_((1 - mom) * G)
     # Nesterov look-ahead, orthogonalized in NS_DTYPE (the momentum itself stays float32).
     update = newton_schulz((mom * buf + (1 - mom) * G).to(NS_DTYPE), cfg.ns_steps, cfg.ns_coeffs).float()
-    lr = cfg.matrix_lr * lr_scale * lr_mult
-    P = torch.stack(params).float() * (1 - lr * wd) - lr * update
-    torch._foreach_copy_(params, list(P.to(params[0].dtype).unbind(0)))
+    for i, p in enumerate(params):
+        lr = cfg.matrix_lr * lr_scales[i] * lr_mult
+        u = update[i].mT if p.size(0) > p.size(1) else update[i]
+        p.copy_((p.float() * (1 - lr * wd) - lr * u).to(p.dtype))
 
 
 @torch.no_grad()
@@ -368,21 +373,21 @@ def muon_adamw_update(adam, muon, hyper, cfg: OptimizerConfig):
     """One MuonAdamW step, in place. Plain tensor code so torch.compile can fuse it whole.
 
     adam:  (params, grads, m, v, lrs, decays) lists, one entry per AdamW parameter
-    muon:  (params, grads, buf, lr_scale) per group of same-shape matrices; buf is their stacked momentum
+    muon:  (params, grads, buf, lr_scales) per stack of matrices of one shape up to a transpose
     hyper: step, lr_mult, momentum, weight_decay as 0-d float32 tensors (changed without recompiling)
     """
     hyper[0].add_(1)
     for p, g, m, v, lr, decay in zip(*adam):
         adam_update(p, g, m, v, lr, decay, hyper, cfg)
-    for params, grads, buf, lr_scale in muon:
-        muon_update(params, grads, buf, lr_scale, hyper, cfg)
+    for params, grads, buf, lr_scales in muon:
+        muon_update(params, grads, buf, lr_scales, hyper, cfg)
 
 
 class MuonAdamW:
     """Muon for 2-D block matrices, AdamW for embeddings, lm_head and scalars.
 
     Parameters are grouped by name exactly as train.py groups its parameter tree. Muon matrices
-    of the same shape are orthogonalized together as one batched stack. The scheduled values
+    of one shape up to a transpose are orthogonalized together as one batched stack. The scheduled values
     (lr multiplier, Muon momentum, weight decay) are 0-d tensors filled in place by set_hyper,
     so a compiled update never sees a new constant.
     """
@@ -407,10 +412,11 @@ class MuonAdamW:
                 self.groups[name] = ("muon", matrix_lr)
             else:
                 self.groups[name] = ("adam_wd", adamw_matrix_lr * scale)
-        self.muon_stacks = {}                              # shape -> [names], stacked for one NS call
+        self.muon_stacks = {}                              # (rows, cols) wide -> [names], one NS call each
         for name, (kind, _) in self.groups.items():
             if kind == "muon":
-                self.muon_stacks.setdefault(tuple(self.params[name].shape), []).append(name)
+                rows, cols = self.params[name].shape
+                self.muon_stacks.setdefault((min(rows, cols), max(rows, cols)), []).append(name)
         self.cfg = OptimizerConfig(tuple(float(b) for b in betas), float(eps), float(matrix_lr), int(ns_steps),
                                    tuple(float(c) for c in ns_coeffs))
         device = next(iter(self.params.values())).device
@@ -452,7 +458,8 @@ class MuonAdamW:
         adam = ([P[n] for n in names], [P[n].grad for n in names], [s["m"][n] for n in names],
                 [s["v"][n] for n in names], self.adam_lrs,
                 [self.groups[n][0] == "adam_wd" for n in names])
-        muon = [([P[n] for n in ns], [P[n].grad for n in ns], s["buf"][shape], max(1.0, shape[-2] / shape[-1]) ** 0.5)
+        muon = [([P[n] for n in ns], [P[n].grad for n in ns], s["buf"][shape],
+                 [max(1.0, P[n].size(0) / P[n].size(1)) ** 0.5 for n in ns])
                 for shape, ns in self.muon_stacks.items()]
         self.update_fn(adam, muon, (s["step"], s["lr_mult"], s["momentum"], s["weight_decay"]), self.cfg)
 

@@ -202,6 +202,10 @@ def test_optimizer_groups(t):
     assert groups["resid_lambdas"][0] == "adam"
     assert groups["blocks.0.attn.c_q.weight"][0] == "muon"
     assert all(k.startswith("blocks.") for k, g in groups.items() if g[0] == "muon")
+    # tall c_fc (4d x d) and wide c_proj (d x 4d) share one Newton-Schulz stack
+    stacks = t.build_optimizer(model).muon_stacks
+    d = model.cfg.d_model
+    assert {"blocks.0.mlp.c_fc.weight", "blocks.0.mlp.c_proj.weight"} <= set(stacks[(d, 4 * d)])
 
 
 def test_adamw_only_recipe():
