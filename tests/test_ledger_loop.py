@@ -215,7 +215,10 @@ def test_ctrl_c_kills_the_child_group_and_records_crash(repo, tmp_path):
     edit(repo, MODE="hang", VALUE=0.1)
     pid_file = tmp_path / "child.pid"
     env = dict(os.environ, FAKE_PID_FILE=str(pid_file))
-    proc = subprocess.Popen(cli + ["-m", "hangs"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A shell that starts the suite in the background hands it SIGINT ignored, and Python keeps
+    # an inherited SIG_IGN; restore the default so the child gets KeyboardInterrupt as at a terminal.
+    proc = subprocess.Popen(cli + ["-m", "hangs"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 30
     while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
