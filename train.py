@@ -309,6 +309,11 @@ def newton_schulz(G, steps=None, coeffs=None):
     return X.swapaxes(-1, -2) if tall else X
 
 
+def _wide(a):
+    """A matrix in wide orientation (rows <= cols): tall ones transposed."""
+    return a.T if a.shape[0] > a.shape[1] else a
+
+
 class MuonAdamW:
     """Muon for 2-D block matrices, AdamW for embeddings, lm_head and scalars.
 
@@ -382,9 +387,8 @@ class MuonAdamW:
             new[path] = p.astype(params[path].dtype)
         mom = s["momentum"]
         for paths in self.muon_stacks.values():
-            wide = lambda a: a.T if a.shape[0] > a.shape[1] else a   # noqa: E731
-            G = mx.stack([wide(grads[k]) for k in paths]).astype(mx.float32)
-            buf = mom * mx.stack([wide(s["buf"][k]) for k in paths]) + (1 - mom) * G
+            G = mx.stack([_wide(grads[k]) for k in paths]).astype(mx.float32)
+            buf = mom * mx.stack([_wide(s["buf"][k]) for k in paths]) + (1 - mom) * G
             # Nesterov look-ahead, orthogonalized in NS_DTYPE (the momentum itself stays float32).
             update = newton_schulz((mom * buf + (1 - mom) * G).astype(NS_DTYPE)).astype(mx.float32)
             for i, k in enumerate(paths):
