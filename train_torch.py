@@ -433,6 +433,10 @@ class MuonAdamW:
         # Base learning rates as 0-d tensors: a compiled update does not bake them in, so a recipe
         # that only changes a learning rate reuses the compiled code.
         self.adam_lrs = [scalar(self.groups[n][1]) for n in self.adam_names]
+        self.adam_decays = [self.groups[n][0] == "adam_wd" for n in self.adam_names]
+        # Muon's per-matrix shape factor max(1, rows / cols) ** 0.5, in stack order
+        self.muon_lr_scales = {shape: [max(1.0, self.params[n].size(0) / self.params[n].size(1)) ** 0.5 for n in ns]
+                               for shape, ns in self.muon_stacks.items()}
         self.update_fn = muon_adamw_update
 
     def compile(self, **options):
@@ -456,10 +460,8 @@ class MuonAdamW:
             raise RuntimeError(f"no gradient for {', '.join(missing[:3])}: call loss.backward() before step()")
         names = self.adam_names
         adam = ([P[n] for n in names], [P[n].grad for n in names], [s["m"][n] for n in names],
-                [s["v"][n] for n in names], self.adam_lrs,
-                [self.groups[n][0] == "adam_wd" for n in names])
-        muon = [([P[n] for n in ns], [P[n].grad for n in ns], s["buf"][shape],
-                 [max(1.0, P[n].size(0) / P[n].size(1)) ** 0.5 for n in ns])
+                [s["v"][n] for n in names], self.adam_lrs, self.adam_decays)
+        muon = [([P[n] for n in ns], [P[n].grad for n in ns], s["buf"][shape], self.muon_lr_scales[shape])
                 for shape, ns in self.muon_stacks.items()]
         self.update_fn(adam, muon, (s["step"], s["lr_mult"], s["momentum"], s["weight_decay"]), self.cfg)
 
