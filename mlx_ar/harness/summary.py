@@ -14,10 +14,8 @@ same way.
 import hashlib
 import json
 import math
-import platform
 import re
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 # --- summary block ---------------------------------------------------------------------------
@@ -182,17 +180,6 @@ def utc_timestamp(when: datetime | None = None) -> str:
     """ISO-8601 UTC with a Z suffix, to the second: '2025-01-31T12:00:00Z'."""
     when = when or datetime.now(timezone.utc)
     return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def package_versions(names=("mlx", "torch", "numpy")) -> dict:
-    """{"python": "3.12.1", name: version} for the installed packages among `names`."""
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def file_hashes(paths, root=None) -> dict:
