@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mlx_ar.harness.clock import BudgetClock
+from mlx_ar.harness.clock import BudgetClock, median_seconds
 from mlx_ar.harness.memory import GIB, GcControl, apply_metal_limits, metal_memory_limits, recommended_working_set
 from mlx_ar.harness.progress import ProgressLine
 from mlx_ar.harness.schedules import RECIPE_NAMES, Schedule, ScheduleError
@@ -70,6 +70,16 @@ def test_clock_misuse_is_reported():
             BudgetClock(bad)
     with pytest.raises(ValueError, match="warmup_steps"):
         BudgetClock(1.0, warmup_steps=-1)
+
+
+def test_median_seconds_skips_the_warmup_calls():
+    t = [0.0]
+    durations = iter([50.0, 40.0, 3.0, 1.0, 2.0, 9.0, 2.5])   # two compile calls, then five timed
+
+    def run():
+        t[0] += next(durations)
+
+    assert median_seconds(run, repeats=5, now=lambda: t[0]) == 2.5
 
 
 def test_clock_in_warmup_flag():
