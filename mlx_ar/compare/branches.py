@@ -16,11 +16,10 @@ import statistics
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..ledger.format import RECEIPTS_DIR, RESULTS_FILE, parse_receipt, parse_results
+from ..ledger.format import NOISE_FILE, RECEIPTS_DIR, RESULTS_FILE, parse_receipt, parse_results
 from ..recipe import RecipeError, parse_recipe
 
 BRANCH_PREFIX = "autoresearch/"
-NOISE_FILE = "noise.json"
 MUTABLE_FILE = "train.py"
 # Statuses whose val_bpb measures the recipe (crash/refused have none; suspect runs were throttled).
 SCORED_STATUSES = ("keep", "discard")

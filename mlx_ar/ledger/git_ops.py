@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 from .format import LEDGER_COMMIT_PREFIX
-from .ledger import atomic_write
+from ..atomic import atomic_write
 
 ATTEMPT_REF = "refs/mlx-ar/attempts"
 

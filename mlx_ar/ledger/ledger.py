@@ -20,7 +20,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..atomic import atomic_write  # noqa: F401  (re-exported for the ledger modules)
+from ..atomic import atomic_write
 
 from .format import (NOISE_FILE, RECEIPT_SCHEMA, RECEIPTS_DIR, RESULTS_FILE, format_row, header_line,
                      parse_receipt, parse_results, receipt_name)
@@ -102,15 +102,6 @@ class Ledger:
             return json.loads(self.noise_path.read_text())
         except (OSError, ValueError) as e:
             raise LedgerError(f"{self.noise_path} is unreadable ({e}); re-measure with `mlx-ar noise`") from None
-
-    def paths(self) -> list[str]:
-        """The ledger's files that exist, relative to the root (what a ledger commit adds)."""
-        out = [RESULTS_FILE] if self.results_path.exists() else []
-        if self.receipts_dir.is_dir():
-            out += [f"{RECEIPTS_DIR}/{p.name}" for p in sorted(self.receipts_dir.glob("*.json"))]
-        if self.noise_path.exists():
-            out.append(NOISE_FILE)
-        return out
 
     # --- writing (callers hold the lock) ------------------------------------------------------
     def reserve_seq(self) -> int:

@@ -30,15 +30,16 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
+from ..atomic import atomic_write
 from ..backends.surface import refuse_reason
+from ..harness.summary import utc_timestamp
 from . import git_ops
 from .format import (LEDGER_COMMIT_PREFIX, NOISE_FILE, NOISE_SCHEMA, RECEIPT_SCHEMA, RECEIPTS_DIR, RESULTS_FILE,
                      receipt_name, sanitize)
 from .gate import GateSettings, Verdict, decide, mean, std
-from .ledger import (Ledger, atomic_write, champion, dump_json, find_scored, noise_measurements, samples_of,
+from .ledger import (Ledger, champion, dump_json, find_scored, noise_measurements, samples_of,
                      usual_rate, variance_groups)
 from .runner import RunOutcome, assess, run_child
 
@@ -58,10 +59,6 @@ class LoopError(RuntimeError):
     """The loop cannot start (bad repository state, no champion to measure, ...)."""
 
 
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 # --- where things are ------------------------------------------------------------------------
 @dataclass
 class Context:
@@ -73,10 +70,6 @@ class Context:
     ledger_repo: object        # the repository whose branch carries the ledger commits
     ledger_branch: str
     meta: dict | None = None
-
-    @property
-    def shared(self) -> bool:
-        return self.meta is not None
 
 
 def open_context(root) -> Context:
@@ -425,8 +418,8 @@ class _Attempt:
         c = self.c
         contract = next((o.record.get("contract") for o in self.outcomes if o.record), None)
         champ = champion(receipts, c.objective, c.sign, c.allow_smoke, contract=contract)
-        if champ is None and champion(receipts, c.objective, c.sign, c.allow_smoke) is not None:
-            other = champion(receipts, c.objective, c.sign, c.allow_smoke)
+        other = champion(receipts, c.objective, c.sign, c.allow_smoke) if champ is None else None
+        if other is not None:
             return Verdict("refused", f"contract {contract} differs from the champion's {other.get('contract')} "
                            "(data, tokenizer or evaluation changed): start a new branch for the new contract")
         self.champ = champ
@@ -550,7 +543,7 @@ class _Attempt:
 
 
 def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=time.sleep, echo=print,
-                   now=utc_now, seed: int | None = None) -> AttemptResult:
+                   now=utc_timestamp, seed: int | None = None) -> AttemptResult:
     """Score the working tree's mutable surface as one experiment; see the module docstring."""
     ctx = open_context(root)
     c = campaign
@@ -659,7 +652,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def record_lost_attempts(ctx: Context, campaign, now=utc_now) -> list[str]:
+def record_lost_attempts(ctx: Context, campaign, now=utc_timestamp) -> list[str]:
     """Crash receipts for in-flight attempts on this host whose mlx-ar process is gone.
 
     `mlx-ar run` killed outright (SIGKILL, power loss) never reaches its bookkeeping; its
@@ -730,7 +723,7 @@ def sync_to_champion(ctx: Context, campaign) -> tuple[bool, str]:
 
 # --- the noise floor -------------------------------------------------------------------------
 def measure_noise(root, campaign, *, runs: int | None = None, runner=run_child, sleep=time.sleep,
-                  echo=print, now=utc_now) -> dict:
+                  echo=print, now=utc_timestamp) -> dict:
     """Run the champion `runs` times with fresh seeds; store and commit noise.json; return it."""
     ctx = open_context(root)
     c = campaign

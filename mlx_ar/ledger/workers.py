@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ledger import atomic_write
+from ..atomic import atomic_write
 
 META_FILE = "mlx-ar-worker.json"
 
