@@ -16,13 +16,11 @@ import statistics
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..ledger.format import NOISE_FILE, RECEIPTS_DIR, RESULTS_FILE, parse_receipt, parse_results
+from ..ledger.format import NOISE_FILE, RECEIPTS_DIR, RESULTS_FILE, SCORED, parse_receipt, parse_results
 from ..recipe import RecipeError, parse_recipe
 
 BRANCH_PREFIX = "autoresearch/"
 MUTABLE_FILE = "train.py"
-# Statuses whose val_bpb measures the recipe (crash/refused have none; suspect runs were throttled).
-SCORED_STATUSES = ("keep", "discard")
 
 
 class CompareError(Exception):
@@ -73,7 +71,7 @@ class Attempt:
 
     @property
     def scored(self) -> bool:
-        return self.status in SCORED_STATUSES and self.val_bpb is not None and not self.smoke
+        return self.status in SCORED and self.val_bpb is not None and not self.smoke
 
     @classmethod
     def from_receipt(cls, data: dict, fallback_seq: int) -> "Attempt":

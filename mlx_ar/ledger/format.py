@@ -29,6 +29,8 @@ RESULTS_COLUMNS = (
     "n_runs", "worker",
 )
 STATUSES = ("keep", "discard", "crash", "refused", "suspect")
+# Statuses whose metric measures the recipe (crash/refused have none; suspect runs were throttled).
+SCORED = ("keep", "discard")
 
 # Fields every receipt carries (values may be null where they do not apply, e.g. metrics of a crash).
 RECEIPT_FIELDS = (

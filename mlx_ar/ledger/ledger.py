@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write
 
-from .format import (NOISE_FILE, RECEIPT_SCHEMA, RECEIPTS_DIR, RESULTS_FILE, format_row, header_line,
+from .format import (NOISE_FILE, RECEIPT_SCHEMA, RECEIPTS_DIR, RESULTS_FILE, SCORED, format_row, header_line,
                      parse_receipt, parse_results, receipt_name)
 
 
@@ -179,9 +179,6 @@ def row_for(receipt: dict, rel_path: str) -> dict:
 
 
 # --- questions asked of the receipts --------------------------------------------------------
-SCORED = ("keep", "discard")
-
-
 def ok_values(receipt: dict, objective: str) -> list[float]:
     """The objective of each ok seed run in a receipt."""
     out = []
