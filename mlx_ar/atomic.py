@@ -12,7 +12,7 @@ def atomic_write(path, data) -> None:
 
     The content goes to a temporary file in the same directory, is fsynced, then replaces
     `path`; if anything fails on the way (including the iterable raising), `path` is untouched
-    and the temporary file is removed.
+    and the temporary file is removed. A file that is replaced keeps its permission bits.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,6 +24,8 @@ def atomic_write(path, data) -> None:
                 f.write(chunk.encode() if isinstance(chunk, str) else chunk)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

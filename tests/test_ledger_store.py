@@ -63,6 +63,14 @@ def test_atomic_write_failure_leaves_the_old_file(tmp_path):
     assert p.read_text() == "old content\n" and [x.name for x in tmp_path.iterdir()] == ["results.tsv"]
 
 
+def test_atomic_write_keeps_the_replaced_files_permissions(tmp_path):
+    p = tmp_path / "train.py"
+    atomic_write(p, "a = 1\n")
+    p.chmod(0o750)
+    atomic_write(p, "a = 2\n")
+    assert p.read_text() == "a = 2\n" and (p.stat().st_mode & 0o777) == 0o750
+
+
 def test_repair_restores_rows_for_orphan_receipts(tmp_path):
     led = Ledger(tmp_path)
     led.write_receipt(_receipt(1))

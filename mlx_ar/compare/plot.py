@@ -12,9 +12,10 @@ row of panels. Smoke runs and runs outside a branch's contract are not drawn.
 matplotlib is an optional extra (`pip install 'mlx-autoresearch[plot]'`) and is imported here
 only when a plot is drawn; the figure is rendered with the Agg canvas, never a GUI backend.
 """
-import os
+import io
 from pathlib import Path
 
+from ..atomic import atomic_write
 from .analysis import group_by_contract, summarize
 from .branches import CompareError, _finite
 
@@ -187,8 +188,8 @@ def plot_progress(ledgers, out=DEFAULT_PLOT_PATH, svg: bool = True) -> list:
     written = []
     targets = [(out, "png")] + ([(out.with_suffix(".svg"), "svg")] if svg else [])
     for path, fmt in targets:
-        tmp = path.with_name(path.name + ".tmp")
-        fig.savefig(tmp, format=fmt, dpi=DPI)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=DPI)
+        atomic_write(path, buf.getvalue())
         written.append(path)
     return written

@@ -10,7 +10,6 @@ constants take the other branch's best values. Constants the current train.py do
 are refused: the current backend does not know them. Only train.py is written and committed;
 `mlx-ar run` then scores the candidate.
 """
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,12 +114,6 @@ class TransplantResult:
     commit: str | None  # the candidate commit, None with commit=False
 
 
-def _write_atomic(path: Path, text: str):
-    mode = path.stat().st_mode
-    atomic_write(path, text)
-    os.chmod(path, mode)  # keep train.py's permissions
-
-
 def transplant(repo, branch: str, keys=None, commit: bool = True) -> TransplantResult:
     """Apply `branch`'s best recipe deltas to the working tree's train.py (and commit only it)."""
     path = Path(repo.working_tree_dir) / MUTABLE_FILE
@@ -144,7 +137,7 @@ def transplant(repo, branch: str, keys=None, commit: bool = True) -> TransplantR
         new_source = apply_recipe(source, plan.updates, MUTABLE_FILE)
     except RecipeError as e:
         raise TransplantError(f"cannot rewrite {MUTABLE_FILE}: {e}") from None
-    _write_atomic(path, new_source)
+    atomic_write(path, new_source)
     sha = None
     if commit:
         import git
@@ -153,7 +146,7 @@ def transplant(repo, branch: str, keys=None, commit: bool = True) -> TransplantR
             # A pathspec commit records only train.py, whatever else is staged in the shared index.
             repo.git.commit("-m", plan.message(), "--", MUTABLE_FILE)
         except git.GitCommandError as e:
-            _write_atomic(path, source)  # put the old train.py back: a failed transplant changes nothing
+            atomic_write(path, source)  # put the old train.py back: a failed transplant changes nothing
             raise TransplantError(f"git commit failed, {MUTABLE_FILE} restored: {(e.stderr or str(e)).strip()}") from None
         sha = repo.head.commit.hexsha
     return TransplantResult(plan, path, sha)
