@@ -11,6 +11,7 @@ literals (`2**19`), so they can be compared, recorded as JSON and transplanted b
     new_src = apply_recipe(src, {"DEPTH": 10})  # rewrites those assignments in place
 """
 import ast
+import json
 import operator
 from pathlib import Path
 
@@ -113,12 +114,25 @@ def apply_recipe(source: str, updates: dict, filename: str = "train.py") -> str:
     return out
 
 
-def recipe_diff(a: dict, b: dict) -> dict:
-    """{name: (a_value, b_value)} for every constant that differs or exists on one side only."""
-    missing = object()
+# Stands for "not defined on this side" in recipe_diff.
+ABSENT = object()
+
+
+def same_value(a, b) -> bool:
+    """Equal as recipe values: tuples and lists alike (receipts store JSON), 1 and 1.0 not."""
+    def canon(v):
+        return json.dumps(v, sort_keys=True, default=repr)
+    return canon(a) == canon(b)
+
+
+def recipe_diff(a: dict, b: dict, missing=ABSENT) -> dict:
+    """{name: (a_value, b_value)} for every name that differs or exists on one side only.
+
+    A side that does not define the name shows `missing`; names keep a's order, then b's new ones.
+    """
     out = {}
     for k in list(a) + [k for k in b if k not in a]:
         va, vb = a.get(k, missing), b.get(k, missing)
-        if va != vb:
-            out[k] = (None if va is missing else va, None if vb is missing else vb)
+        if k not in a or k not in b or not same_value(va, vb):
+            out[k] = (va, vb)
     return out

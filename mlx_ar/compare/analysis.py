@@ -15,17 +15,9 @@ Scoring rules (shared by the table, the plot and transplant):
 - the baseline is the first kept commit, the best the kept commit with the lowest score
   (ties: the later one, like the ledger's champion).
 """
-import json
 from dataclasses import asdict, dataclass, field
 
-_ABSENT = object()
-
-
-def _same(a, b) -> bool:
-    """Equal as recipe values: tuples and lists alike (receipts store JSON), 1 and 1.0 not."""
-    def canon(v):
-        return json.dumps(v, sort_keys=True, default=repr)
-    return canon(a) == canon(b)
+from ..recipe import ABSENT as _ABSENT, recipe_diff, same_value as _same
 
 
 def _is_number(v) -> bool:
@@ -220,12 +212,8 @@ def contract_differences(groups) -> list:
             if a.parts is None or b.parts is None:
                 differs = None
             else:
-                fa, fb = _flatten(a.parts), _flatten(b.parts)
-                differs = {
-                    k: [fa.get(k), fb.get(k)]
-                    for k in list(fa) + [k for k in fb if k not in fa]
-                    if k not in fa or k not in fb or not _same(fa[k], fb[k])
-                }
+                diff = recipe_diff(_flatten(a.parts), _flatten(b.parts), missing=None)
+                differs = {k: list(pair) for k, pair in diff.items()}
             out.append({"a": a.contract, "b": b.contract, "differs": differs})
     return out
 
@@ -262,13 +250,7 @@ def branch_delta(s: BranchSummary) -> dict:
     """{key: (baseline_value, best_value)} with _ABSENT for a side that does not define it."""
     if s.baseline_recipe is None or s.best_recipe is None:
         return {}
-    base, best = s.baseline_recipe, s.best_recipe
-    out = {}
-    for k in list(base) + [k for k in best if k not in base]:
-        old, new = base.get(k, _ABSENT), best.get(k, _ABSENT)
-        if old is _ABSENT or new is _ABSENT or not _same(old, new):
-            out[k] = (old, new)
-    return out
+    return recipe_diff(s.baseline_recipe, s.best_recipe)
 
 
 def _direction(old, new) -> str:
