@@ -54,7 +54,10 @@ def _value(node):
             raise ValueError("arithmetic on non-numbers")
         if isinstance(node.op, ast.Pow) and abs(right) > 64:
             raise ValueError("exponent too large")
-        return _BINOPS[type(node.op)](left, right)
+        try:
+            return _BINOPS[type(node.op)](left, right)
+        except ArithmeticError as e:  # 1/0, 10.0**400
+            raise ValueError(f"cannot compute it: {e}") from None
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_value(node.operand))
     if isinstance(node, (ast.Tuple, ast.List)):
@@ -79,8 +82,7 @@ def parse_recipe(source: str, filename: str = "train.py") -> dict:
         except (ValueError, TypeError, SyntaxError) as e:
             raise RecipeError(
                 f"{filename}:{node.lineno}: {name} must be a literal (number, string, tuple, ...) "
-                f"or arithmetic on numbers, "
-                f"got `{ast.unparse(value)}`"
+                f"or arithmetic on numbers, got `{ast.unparse(value)}` ({e})"
             ) from e
     return recipe
 

@@ -15,3 +15,16 @@ def test_recipe_diff_names_changed_added_and_removed_keys_in_order():
     assert diff["DEPTH"] == (4, 6) and diff["OLD"] == (1, ABSENT) and diff["NEW"] == (ABSENT, "x")
     assert recipe_diff(a, b, missing=None)["NEW"] == (None, "x")
     assert recipe_diff(a, dict(a)) == {}
+
+
+def test_arithmetic_that_cannot_be_computed_is_a_recipe_error_not_a_traceback():
+    import pytest
+
+    from mlx_ar.recipe import RecipeError, parse_recipe, parse_value
+
+    with pytest.raises(RecipeError, match=r"train.py:2: LR must be .* got `1 / 0` \(cannot compute it: division by zero\)"):
+        parse_recipe("DEPTH = 4\nLR = 1 / 0\n")
+    with pytest.raises(RecipeError, match="cannot compute it"):
+        parse_recipe("BIG = 1e300 ** 2\n")
+    with pytest.raises(ValueError, match="cannot compute it"):
+        parse_value("2 % 0")
