@@ -349,5 +349,5 @@ def test_progress_line_update_every_step_format_sometimes_counts_each_loss_once(
 
 def test_progress_line_unknown_mfu_and_epoch():
     text = ProgressLine().format(1, 0.0, 9.0, 0.0, 2.5, 10.0, None, 300.0, None)
-    assert "| mfu ? |" in text and "| epoch ? |" in text and "2500.0 ms" in text
+    assert "| mfu unknown |" in text and "| epoch ? |" in text and "2500.0 ms" in text
     assert math.isclose(float(text.split("loss ")[1].split(" ")[0]), 9.0)

@@ -49,7 +49,7 @@ class ProgressLine:
             self.update(loss)
         self._updated_since_format = False
         smoothed = self.smoothed
-        mfu_text = "?" if mfu is None or not math.isfinite(mfu) else f"{mfu:.1f}%"
+        mfu_text = "unknown" if mfu is None or not math.isfinite(mfu) else f"{mfu:.1f}%"
         epoch_text = "?" if epoch is None else str(epoch)
         return " | ".join((
             f"step {step:05d} ({100.0 * progress:.1f}%)",
