@@ -33,6 +33,17 @@ def test_series_marks_frontier_discards_and_crashes(standard):
     assert sorted(p for p, _, _ in s["size"]) == [11.5, 11.5, 11.5, 17.0]
 
 
+def test_series_draws_only_scored_attempts_as_points():
+    from mlx_ar.compare.branches import Attempt, BranchLedger
+
+    attempts = [Attempt(1, "keep", "a", metrics={"val_bpb": 1.2}, contract="c"),
+                Attempt(2, "suspect", "b", metrics={"val_bpb": 1.1}, contract="c"),   # throttled: not a score
+                Attempt(3, "discard", "c", metrics={"val_bpb": 1.3}, contract="other"),
+                Attempt(4, "discard", "d", metrics={"val_bpb": 1.25}, contract="c")]
+    s = _series(BranchLedger("autoresearch/x", "refs/heads/autoresearch/x", "t", attempts), "c")
+    assert s["keep"] == [(1, 1.2)] and s["discard"] == [(4, 1.25)] and s["crash"] == []
+
+
 def test_one_row_per_contract_and_wild_discards_clipped(standard):
     ledgers = _ledgers(standard)
     assert _rows([summarize(lg) for lg in ledgers]) == [CONTRACT_REAL, CONTRACT_DEMO]

@@ -96,11 +96,8 @@ def summarize(ledger, recipe_at=lambda commit: None) -> BranchSummary:
     statuses = list(final.values())
     keeps, discards, crashes = (statuses.count(s) for s in ("keep", "discard", "crash"))
 
-    def same_contract(a):
-        return contract is None or a.contract is None or a.contract == contract
-
-    scored = [a for a in real if a.scored and same_contract(a)]
-    foreign = [a for a in real if a.scored and not same_contract(a)]
+    scored = [a for a in real if a.scored and a.under(contract)]
+    foreign = [a for a in real if a.scored and not a.under(contract)]
     scores, last = {}, {}  # commit -> [(val_bpb, n_runs)], its last scored attempt
     for a in scored:
         scores.setdefault(a.commit, []).append((a.val_bpb, a.n_runs))

@@ -73,6 +73,10 @@ class Attempt:
     def scored(self) -> bool:
         return self.status in SCORED and self.val_bpb is not None and not self.smoke
 
+    def under(self, contract) -> bool:
+        """Measured under `contract` (an unknown contract on either side counts as the same)."""
+        return contract is None or self.contract is None or self.contract == contract
+
     @classmethod
     def from_receipt(cls, data: dict, fallback_seq: int) -> "Attempt":
         seq = data.get("seq")

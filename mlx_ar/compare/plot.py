@@ -34,11 +34,10 @@ def _series(ledger, contract):
         if a.smoke:
             continue
         x += 1
-        same = contract is None or a.contract is None or a.contract == contract
         if a.status == "crash":
             s["crash"].append(x)
             continue
-        if a.val_bpb is None or not same:
+        if not (a.scored and a.under(contract)):   # the table's scoring rules: suspect runs are not points
             continue
         if a.status == "keep":
             s["keep"].append((x, a.val_bpb))
