@@ -19,6 +19,7 @@ import numpy as np
 from .. import paths
 from ..constants import PROFILES, Profile
 from .errors import DataError
+from .sources import default_name
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
@@ -45,7 +46,7 @@ def read_manifest(directory) -> dict | None:
 
 def rebuild_command(m: dict, name: str) -> str:
     """The prepare command that rebuilds this dataset from the same source."""
-    src = m.get("source", {}) if isinstance(m, dict) else {}
+    src = m.get("source", {})
     kind = src.get("source")
     if kind == "climbmix":
         args = f"--source climbmix --num-shards {src.get('num_shards')}"
@@ -55,7 +56,7 @@ def rebuild_command(m: dict, name: str) -> str:
         args = "--source demo"
     else:
         args = "--source ..."
-    default = {"climbmix": "climbmix", "demo": "demo"}.get(kind, f"local-{Path(str(src.get('dir'))).name}")
+    default = default_name(kind, src.get("dir")) if kind in ("climbmix", "demo", "local") else None
     return f"`python prepare.py {args}{'' if name == default else f' --name {name}'} --force`"
 
 
@@ -95,10 +96,7 @@ class Dataset:
         for split in SPLITS:
             if not m.get("splits", {}).get(split, {}).get("files"):
                 raise DataError(f"{self.dir / MANIFEST} lists no {split} split; {fix}")
-        try:
-            self.tokenizer = load_tokenizer(self.dir / TOKENIZER_DIR, vocab_size=self.profile.vocab_size)
-        except DataError as e:
-            raise DataError(f"{e} ({fix})") from e
+        self.tokenizer = load_tokenizer(self.dir / TOKENIZER_DIR, vocab_size=self.profile.vocab_size, fix=fix)
         if self.tokenizer.hash != m.get("tokenizer", {}).get("hash"):
             raise DataError(f"the tokenizer in {self.dir / TOKENIZER_DIR} is not the one the token shards were "
                             f"made with; {fix}")
@@ -120,11 +118,8 @@ class Dataset:
             from .shards import load_shard
 
             files = self.manifest["splits"][split]["files"]
-            try:
-                shards = [load_shard(self.dir / TOKENS_DIR, split, i, self.bos_id, f["tokens"], f["docs"])
-                          for i, f in enumerate(files)]
-            except DataError as e:
-                raise DataError(f"{e} ({self.rebuild_hint})") from e
+            shards = [load_shard(self.dir / TOKENS_DIR, split, i, self.bos_id, f["tokens"], f["docs"],
+                                 fix=self.rebuild_hint) for i, f in enumerate(files)]
             self._tables[split] = DocTable(shards)
         return self._tables[split]
 

@@ -46,12 +46,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def default_name(source: str, directory: Path | None = None) -> str:
-    if source == "local":
-        return f"local-{Path(directory).expanduser().resolve().name}"
-    return source
-
-
 def profile_for(source: str):
     """The demo source is measured with the small DEMO profile; every other source with REAL."""
     return DEMO if source == "demo" else REAL
@@ -189,7 +183,7 @@ def prepare_dataset(source, out_dir, profile, *, name: str | None = None, force:
 
     out = Path(out_dir)
     name = name or out.name
-    existing = read_manifest(out) if (out / MANIFEST).exists() else None
+    existing = read_manifest(out)
     if existing is not None and not force:
         if existing.get("source") == source.config and _same_profile(existing, profile):
             log(f"dataset '{name}' is already prepared in {out} (pass --force to rebuild it)")
@@ -273,7 +267,7 @@ def _explicit(ctx, param: str) -> bool:
 def prepare_command(ctx, directory, source, dir_opt, val_files, num_shards, base_url, workers, name, force):
     """Download or read text, train the tokenizer, and pre-tokenize the train and validation splits."""
     from .. import paths
-    from .sources import climbmix_source, demo_source, local_source
+    from .sources import climbmix_source, default_name, demo_source, local_source
 
     if directory and dir_opt and Path(directory) != Path(dir_opt):
         raise click.UsageError(f"two directories given: {directory} and --dir {dir_opt}")

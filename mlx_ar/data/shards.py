@@ -27,7 +27,8 @@ def shard_files(tokens_dir, split: str, index: int) -> tuple[Path, Path]:
     return d / f"{split}_{index:05d}.tokens.npy", d / f"{split}_{index:05d}.docs.npy"
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save to `path`, atomically."""
     buf = io.BytesIO()
     np.save(buf, array)
     atomic_write(path, buf.getvalue())
@@ -89,8 +90,8 @@ def tokenize_file(tok, source_file, tokens_dir, split: str, index: int, executor
         raise DataError(f"{source_file.name} ({split} split) has no non-empty documents")
     tokens = np.concatenate(pieces)
     offsets = np.concatenate(([0], np.cumsum(np.concatenate(lengths)))).astype(np.int64)
-    _save_npy(tokens_path, tokens)
-    _save_npy(docs_path, offsets)
+    save_npy(tokens_path, tokens)
+    save_npy(docs_path, offsets)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -105,15 +106,12 @@ class TokenShard:
     def num_docs(self) -> int:
         return len(self.offsets) - 1
 
-    def doc(self, j: int) -> np.ndarray:
-        return self.tokens[self.offsets[j]:self.offsets[j + 1]]
-
 
 def load_shard(tokens_dir, split: str, index: int, bos_id: int, expect_tokens: int | None = None,
-               expect_docs: int | None = None) -> TokenShard:
-    """Memory-map one shard and check its structure; DataError naming the file if anything is off."""
+               expect_docs: int | None = None,
+               fix: str = "re-run `python prepare.py --force` to rebuild the dataset") -> TokenShard:
+    """Memory-map one shard and check its structure; DataError naming the file (and `fix`) if anything is off."""
     tokens_path, docs_path = shard_files(tokens_dir, split, index)
-    fix = "re-run `python prepare.py --force` to rebuild the dataset"
     for p in (tokens_path, docs_path):
         if not p.is_file():
             raise DataError(f"missing {split} token file {p}; {fix}")

@@ -31,6 +31,13 @@ from typing import Callable, Iterator
 from ..constants import CLIMBMIX_VAL_SHARD
 from .errors import DataError
 
+
+def default_name(source: str, directory: Path | None = None) -> str:
+    """The dataset name prepare uses when --name is not given: the source, or local-<directory name>."""
+    if source == "local":
+        return f"local-{Path(directory).expanduser().resolve().name}"
+    return source
+
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".txt")
 TXT_DOC_CHARS = 4000          # a .txt document: consecutive paragraphs, at most this many chars
 READ_BATCH_DOCS = 1024        # documents handed to the tokenizer at a time

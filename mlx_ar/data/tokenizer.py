@@ -14,7 +14,6 @@ The special tokens take the ids right after the mergeable ranks; BOS is the firs
 """
 import base64
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from ..atomic import atomic_write
 from ..constants import SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_DOC_CHARS, TOKENIZER_TOTAL_CHARS
 from .errors import DataError
+from .shards import save_npy
 
 FORMAT = 1
 RANKS_FILE = "ranks.txt"
@@ -96,9 +96,7 @@ class Tokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write(d / RANKS_FILE, ranks_text(self.ranks).encode("ascii"))
-        buf = io.BytesIO()
-        np.save(buf, self.token_bytes)
-        atomic_write(d / TOKEN_BYTES_FILE, buf.getvalue())
+        save_npy(d / TOKEN_BYTES_FILE, self.token_bytes)
         # Metadata last: a tokenizer directory without it is incomplete.
         atomic_write(d / META_FILE, json.dumps(self.metadata(), indent=1) + "\n")
 
@@ -157,10 +155,10 @@ def train_tokenizer(texts, vocab_size: int, pattern: str = SPLIT_PATTERN,
 
 # --- loading ----------------------------------------------------------------------------------
 def load_tokenizer(directory, vocab_size: int | None = None, pattern: str = SPLIT_PATTERN,
-                   special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> Tokenizer:
-    """Load and validate a saved tokenizer; every problem is a DataError naming the file."""
+                   special_tokens: tuple[str, ...] = SPECIAL_TOKENS,
+                   fix: str = "re-run `python prepare.py --force` (same --source/--name) to rebuild it") -> Tokenizer:
+    """Load and validate a saved tokenizer; every problem is a DataError naming the file and `fix`."""
     d = Path(directory)
-    fix = "re-run `python prepare.py --force` (same --source/--name) to rebuild it"
     meta_path, ranks_path, tb_path = d / META_FILE, d / RANKS_FILE, d / TOKEN_BYTES_FILE
     for p in (meta_path, ranks_path, tb_path):
         if not p.is_file():
