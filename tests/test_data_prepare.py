@@ -231,6 +231,17 @@ def test_changed_contract_constants_are_refused(tiny_dataset, tmp_path):
         Dataset(d)
 
 
+def test_unreadable_or_foreign_manifest_is_named(tiny_dataset, tmp_path):
+    d = copy_of(tiny_dataset, tmp_path)
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "schema": 99}))
+    with pytest.raises(DataError, match=r"manifest\.json: unknown manifest schema 99; re-run prepare with --force"):
+        Dataset(d)
+    (d / "manifest.json").write_text("{")
+    with pytest.raises(DataError, match=r"manifest\.json is not valid JSON"):
+        Dataset(d)
+
+
 # --- sources ----------------------------------------------------------------------------------
 def test_chunk_paragraphs():
     text = "a" * 30 + "\n\n" + "b" * 30 + "\n \n" + "c" * 100 + "\n\n\n\n" + "d" * 5

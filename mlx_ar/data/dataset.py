@@ -10,7 +10,6 @@ A dataset directory is complete only once `manifest.json` exists (prepare writes
 opening checks that the manifest, the tokenizer and the token shards agree; any mismatch is a
 DataError that says which file and which command fixes it.
 """
-import json
 from functools import cached_property
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from .. import paths
 from ..constants import PROFILES, Profile
-from .errors import DataError
+from .errors import DataError, read_versioned_json
 from .sources import default_name
 
 MANIFEST = "manifest.json"
@@ -35,13 +34,7 @@ def read_manifest(directory) -> dict | None:
     p = Path(directory) / MANIFEST
     if not p.is_file():
         return None
-    try:
-        m = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{p} is not valid JSON ({e}); re-run prepare with --force") from e
-    if not isinstance(m, dict) or m.get("schema") != MANIFEST_SCHEMA:
-        raise DataError(f"{p}: unknown manifest schema; re-run prepare with --force")
-    return m
+    return read_versioned_json(p, "schema", MANIFEST_SCHEMA, "manifest schema", "re-run prepare with --force")
 
 
 def rebuild_command(m: dict, name: str) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..constants import SPECIAL_TOKENS, SPLIT_PATTERN, TOKENIZER_DOC_CHARS, TOKENIZER_TOTAL_CHARS
-from .errors import DataError
+from .errors import DataError, read_versioned_json
 from .shards import save_npy
 
 FORMAT = 1
@@ -163,12 +163,7 @@ def load_tokenizer(directory, vocab_size: int | None = None, pattern: str = SPLI
     for p in (meta_path, ranks_path, tb_path):
         if not p.is_file():
             raise DataError(f"tokenizer file missing: {p}; {fix}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{meta_path} is not valid JSON ({e}); {fix}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DataError(f"{meta_path}: unknown tokenizer format {meta.get('format') if isinstance(meta, dict) else meta!r}; {fix}")
+    meta = read_versioned_json(meta_path, "format", FORMAT, "tokenizer format", fix)
     raw = ranks_path.read_bytes()
     if hashlib.sha256(raw).hexdigest() != meta.get("ranks_sha256"):
         raise DataError(f"{ranks_path} does not match the sha256 recorded in {meta_path}; {fix}")
