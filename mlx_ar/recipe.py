@@ -46,6 +46,10 @@ def _recipe_nodes(source: str, filename: str = "train.py"):
             yield name, value, node
 
 
+class _Uncomputable(ValueError):
+    """Arithmetic on number literals that has no value (division by zero, overflow)."""
+
+
 def _value(node):
     """literal_eval plus arithmetic on numbers (2**19, 3 * 524288); anything else is ValueError."""
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
@@ -56,8 +60,8 @@ def _value(node):
             raise ValueError("exponent too large")
         try:
             return _BINOPS[type(node.op)](left, right)
-        except ArithmeticError as e:  # 1/0, 10.0**400
-            raise ValueError(f"cannot compute it: {e}") from None
+        except ArithmeticError as e:  # 1/0, 1e300**2
+            raise _Uncomputable(f"cannot compute it: {e}") from None
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_value(node.operand))
     if isinstance(node, (ast.Tuple, ast.List)):
@@ -79,10 +83,12 @@ def parse_recipe(source: str, filename: str = "train.py") -> dict:
             raise RecipeError(f"{filename}:{node.lineno}: {name} is assigned twice at top level")
         try:
             recipe[name] = _value(value)
+        except _Uncomputable as e:
+            raise RecipeError(f"{filename}:{node.lineno}: {name} = `{ast.unparse(value)}`: {e}") from e
         except (ValueError, TypeError, SyntaxError) as e:
             raise RecipeError(
                 f"{filename}:{node.lineno}: {name} must be a literal (number, string, tuple, ...) "
-                f"or arithmetic on numbers, got `{ast.unparse(value)}` ({e})"
+                f"or arithmetic on numbers, got `{ast.unparse(value)}`"
             ) from e
     return recipe
 

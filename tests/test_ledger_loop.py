@@ -144,6 +144,9 @@ def test_config_tier_checker():
     assert "code outside" in config_tier_problems(old, {"train.py": b"A = 1\nB = 'x'\nimport os\ndef f():\n    return B\n"})[0]
     assert "set of recipe constants" in config_tier_problems(old, {"train.py": b"A = 1\nB = 'x'\nC = 3\nimport os\ndef f():\n    return A\n"})[0]
     assert "syntax" in config_tier_problems(old, {"train.py": b"A = (\n"})[0]
+    # a statement appended after the code is a code change, named by its line
+    appended = {"train.py": b"A = 1\nB = 'x'\nimport os\ndef f():\n    return A\nprint(A)\n"}
+    assert config_tier_problems(old, appended) == ["train.py:6: code outside the recipe constants changed"]
     assert "deleted" in config_tier_problems(old, {"train.py": None})[0]
     grown = {"train.py": b"A = 1\nB = 'x'\nC = 3\nimport os\ndef f():\n    return A\n"}
     assert config_tier_problems(old, grown, new_constants=True) == []

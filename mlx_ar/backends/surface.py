@@ -49,7 +49,7 @@ def _code_outside_recipe(source: str, filename: str) -> list[tuple[int, str]]:
     return [(node.lineno, ast.dump(node)) for node in tree.body if (node.lineno, node.col_offset) not in spots]
 
 
-def _first_code_change(old: str, new: str, filename: str) -> int | None:
+def first_code_change(old: str, new: str, filename: str) -> int | None:
     """Line (in `new`) of the first changed statement outside the recipe block; None if none.
 
     Raises SyntaxError or RecipeError when a source cannot be read.
@@ -80,7 +80,7 @@ def inert_changes(backend: str, old_sources: dict, new_sources: dict) -> list[st
             found.append(f"{path} (the {backend} backend does not execute it)")
         elif part == "recipe" and old is not None and new is not None:
             try:
-                line = _first_code_change(old, new, path)
+                line = first_code_change(old, new, path)
             except (SyntaxError, RecipeError):
                 continue  # unreadable source: the syntax check and the run itself report it
             if line is not None:

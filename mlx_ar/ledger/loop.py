@@ -21,7 +21,6 @@ run record the attempt as a `crash` ("lost: ...").
 Collaborators are parameters (`runner`, `sleep`, `echo`, `now`), so tests drive the whole
 loop with fake train.py scripts and without waiting.
 """
-import ast
 import math
 import os
 import platform
@@ -120,36 +119,14 @@ def _shielded():
 
 
 # --- config tier ---------------------------------------------------------------------------
-def _skeleton(source: bytes, path: str, drop_recipe: bool = False) -> tuple[list[str], list[int], list[str]]:
-    """(top-level statements with recipe values blanked, their line numbers, recipe names).
-
-    With drop_recipe the recipe assignments are left out entirely, so adding or removing a
-    constant does not count as a code change.
-    """
-    from ..recipe import _recipe_nodes, parse_recipe
-
-    text = source.decode()
-    tree = ast.parse(text, filename=path)
-    names = list(parse_recipe(text, path))
-    spots = {(node.lineno, node.col_offset) for _n, _v, node in _recipe_nodes(text, path)}
-    dumps, lines = [], []
-    for node in tree.body:
-        if (node.lineno, node.col_offset) in spots:
-            if drop_recipe:
-                continue
-            node.value = ast.Constant(None)
-        dumps.append(ast.dump(node))
-        lines.append(node.lineno)
-    return dumps, lines, names
-
-
 def config_tier_problems(old: dict, new: dict, new_constants: bool = False) -> list[str]:
     """Why `new` is not a recipe-only edit of `old` ({path: bytes|None}); [] when it is.
 
     new_constants=True also accepts added or removed recipe constants (the cuda rule: a new
     dial in train.py's recipe that train_torch.py reads); code outside the recipe still counts.
     """
-    from ..recipe import RecipeError
+    from ..backends.surface import first_code_change
+    from ..recipe import RecipeError, parse_recipe
 
     problems = []
     for path in sorted(set(old) | set(new)):
@@ -163,12 +140,13 @@ def config_tier_problems(old: dict, new: dict, new_constants: bool = False) -> l
             problems.append(f"{path} changed (only recipe constants of Python files may change)")
             continue
         try:
-            da, _, na = _skeleton(a, path, drop_recipe=new_constants)
-            db, lb, nb = _skeleton(b, path, drop_recipe=new_constants)
-        except SyntaxError as e:
-            problems.append(f"{path}:{e.lineno}: syntax error: {e.msg}")
+            ta, tb = a.decode(), b.decode()
+            na, nb = list(parse_recipe(ta, path)), list(parse_recipe(tb, path))
+            line = first_code_change(ta, tb, path)
+        except RecipeError as e:   # names the file and line (a syntax error is one too)
+            problems.append(str(e))
             continue
-        except (RecipeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
             problems.append(f"{path}: {e}")
             continue
         if na != nb and not new_constants:
@@ -178,13 +156,8 @@ def config_tier_problems(old: dict, new: dict, new_constants: bool = False) -> l
                                          "reordered" if not gone and not added else "") if x)
             problems.append(f"{path}: the set of recipe constants changed ({what})")
             continue
-        for i, (x, y) in enumerate(zip(da, db)):
-            if x != y:
-                problems.append(f"{path}:{lb[i]}: code outside the recipe constants changed")
-                break
-        else:
-            if len(da) != len(db):
-                problems.append(f"{path}: statements were added or removed outside the recipe")
+        if line is not None:
+            problems.append(f"{path}:{line}: code outside the recipe constants changed")
     return problems
 
 
