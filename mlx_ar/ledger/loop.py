@@ -451,10 +451,10 @@ class _Attempt:
         while True:
             seed = self.base_seed + len([o for o in self.outcomes if o.status == "ok"])
             out = self.run_seed(seed)
-            receipts, noise = ctx.ledger.receipts(), ctx.ledger.noise()
             if out.status != "ok":
                 self.outcomes.append(out)
                 return "crash", (out.reason if len(self.outcomes) == 1 else f"seed {seed}: {out.reason}"), False
+            receipts, noise = ctx.ledger.receipts(), ctx.ledger.noise()
             why = self.sentinel(out, receipts)
             if why and retries < c.suspect_retries:
                 retries += 1
