@@ -9,10 +9,22 @@ needs no prepared data and measures the model and optimizer alone; `--data NAME`
 packed batches of a prepared dataset instead (real token statistics, loader included).
 """
 import json
+from contextlib import contextmanager
 
 import click
 
 from . import constants
+
+
+@contextmanager
+def _user_errors():
+    """Bad input (an unknown --set name, a missing dataset, a bad batch geometry) as a one-line error."""
+    from .data import DataError
+
+    try:
+        yield
+    except (DataError, ValueError) as e:   # RecipeError is a ValueError; our ValueErrors explain themselves
+        raise click.ClickException(str(e)) from None
 
 
 @click.group()
@@ -33,14 +45,15 @@ def bench_train(backend, train_file, overrides, profile, steps, warmup, data, as
     """Time training steps of the current recipe (random tokens unless --data)."""
     from .harness.trainfile import parse_overrides
 
-    dataset = None
-    if data is not None:
-        from .data import open_dataset
+    with _user_errors():
+        dataset = None
+        if data is not None:
+            from .data import open_dataset
 
-        dataset = open_dataset(data)
-    figures = run_train_bench(backend, train_file, parse_overrides(overrides),
-                              dataset.profile if dataset else constants.PROFILES[profile],
-                              steps, warmup, echo=None if as_json else click.echo, dataset=dataset)
+            dataset = open_dataset(data)
+        figures = run_train_bench(backend, train_file, parse_overrides(overrides),
+                                  dataset.profile if dataset else constants.PROFILES[profile],
+                                  steps, warmup, echo=None if as_json else click.echo, dataset=dataset)
     if as_json:
         click.echo(json.dumps(figures))
 
@@ -121,5 +134,6 @@ def bench_loader_command(data, batch_size, seconds):
     from .data import open_dataset
     from .data.bench import bench_loader
 
-    ds = open_dataset(data)
-    bench_loader(ds, batch_size, ds.profile.max_seq_len, seconds)
+    with _user_errors():
+        ds = open_dataset(data)
+        bench_loader(ds, batch_size, ds.profile.max_seq_len, seconds)

@@ -241,3 +241,22 @@ def test_bench_train_reports_figures_on_random_and_real_tokens(demo_cache, monke
         assert figures["mfu_percent"] is None  # no honest peak for a CPU
         assert figures["tokens"] == ("random" if dataset is None else "dataset demo")
         assert figures["recipe_overrides"]["DEPTH"] == TINY["DEPTH"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--set", "DEPTH"], "--set expects NAME=VALUE, got 'DEPTH'"),
+    (["train", "--set", "NOT_A_DIAL=1"], "has no recipe constant named NOT_A_DIAL"),
+    (["train", "--set", "TOTAL_BATCH_SIZE=1000"], "TOTAL_BATCH_SIZE (1000) must be a multiple"),
+    (["train", "--data", "nope"], "dataset 'nope' is not prepared"),
+    (["loader", "--data", "nope"], "dataset 'nope' is not prepared"),
+])
+def test_bench_bad_input_is_a_one_line_error(args, message, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlx_ar.bench import bench_command
+
+    monkeypatch.setenv("MLX_AR_CACHE", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    result = CliRunner().invoke(bench_command, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert message in result.output and "Traceback" not in result.output
