@@ -43,10 +43,26 @@ def get_backend(name: str, train_file, overrides: dict | None = None) -> Backend
     takes the recipe in build(), so train.py's MLX imports never run on a machine without MLX.
     """
     if name == "mlx":
+        _require("mlx.core", "mlx", name)
         from ..harness.trainfile import load_train
         from .mlx_backend import MLXBackend
         return MLXBackend(vars(load_train(train_file, overrides)))
     if name == "cuda":
+        _require("torch", "cuda", name)
         from .cuda_backend import CudaBackend
         return CudaBackend({"__file__": str(Path(train_file).resolve())})
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+class BackendUnavailable(ValueError):
+    """The framework a backend runs on is not installed."""
+
+
+def _require(module: str, extra: str, backend: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise BackendUnavailable(f"the {backend} backend needs {module.split('.')[0]}, which is not installed "
+                                 f"({e}); install it with `pip install -e \".[{extra}]\"`") from None
