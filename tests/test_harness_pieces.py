@@ -1,6 +1,7 @@
 """Budget clock, schedules, gc control, Metal limit sizing and the progress line."""
 import gc
 import math
+import sys
 
 import pytest
 
@@ -351,3 +352,21 @@ def test_progress_line_unknown_mfu_and_epoch():
     text = ProgressLine().format(1, 0.0, 9.0, 0.0, 2.5, 10.0, None, 300.0, None)
     assert "| mfu unknown |" in text and "| epoch ? |" in text and "2500.0 ms" in text
     assert math.isclose(float(text.split("loss ")[1].split(" ")[0]), 9.0)
+
+
+def test_a_backend_without_its_framework_names_the_extra_to_install(monkeypatch):
+    import builtins
+
+    from mlx_ar.backends import BackendUnavailable, get_backend
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(BackendUnavailable, match=r'cuda backend needs torch.*pip install -e "\.\[cuda\]"'):
+        get_backend("cuda", "train.py")
