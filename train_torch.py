@@ -237,6 +237,31 @@ class Masks:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy (nats, float32) of soft-capped logits, from the raw bf16 logits z (..., V).
+
+    Only z and one log-partition per token are kept for the backward, which is then one pass
+    over z (read bf16, write bf16). Left to autograd, the float32 log-probabilities are saved
+    instead: twice the size of z, written in the forward and read back in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, z, targets, cap):
+        zc = cap * torch.tanh(z.float() / cap)
+        lse = torch.logsumexp(zc, dim=-1)
+        ctx.save_for_backward(z, targets, lse)
+        ctx.cap = cap
+        return lse - zc.gather(-1, targets[..., None]).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, targets, lse = ctx.saved_tensors
+        th = torch.tanh(z.float() / ctx.cap)
+        onehot = torch.arange(z.size(-1), device=z.device) == targets[..., None]
+        dz = grad[..., None] * (torch.exp(ctx.cap * th - lse[..., None]) - onehot.float()) * (1 - th * th)
+        return dz.to(z.dtype), None, None
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -269,10 +294,8 @@ class GPT(nn.Module):
 
     def head_loss(self, h, targets, reduction="mean"):
         """Soft-capped float32 logits of `h` -> cross-entropy in nats (mean, or (B, T) for "none")."""
-        z = self.lm_head(h).float()
-        z = self.cfg.softcap * torch.tanh(z / self.cfg.softcap)
-        loss = F.cross_entropy(z.view(-1, z.size(-1)), targets.reshape(-1), reduction=reduction)
-        return loss if reduction != "none" else loss.view(targets.shape)
+        loss = SoftcapCrossEntropy.apply(self.lm_head(h), targets, self.cfg.softcap)
+        return loss.mean() if reduction == "mean" else loss
 
     def forward(self, idx, targets, reduction="mean"):
         return self.head_loss(self.hidden(idx), targets, reduction)
