@@ -152,16 +152,15 @@ class BranchLedger:
     def noise_floor(self):
         """val_bpb seed noise (a standard deviation) from noise.json, or None.
 
-        Read defensively: an explicit "floor" (or "std"/"sigma"), else the standard deviation
-        of the measured "samples"; a measurement of another objective does not count.
+        Read defensively: the "floor" `mlx-ar noise` writes, else the standard deviation of the
+        measured "samples"; a measurement of another objective does not count.
         """
         noise = self.noise or {}
         if noise.get("objective", "val_bpb") != "val_bpb":
             return None
-        for key in ("floor", "std", "sigma"):
-            v = _finite(noise.get(key))
-            if v is not None:
-                return v
+        floor = _finite(noise.get("floor"))
+        if floor is not None:
+            return floor
         samples = [v for v in map(_finite, noise.get("samples") or []) if v is not None]
         return statistics.stdev(samples) if len(samples) >= 2 else None
 
