@@ -748,8 +748,6 @@ def measure_noise(root, campaign, *, runs: int | None = None, runner=run_child, 
     values = [o.metrics[c.objective] for o in outcomes]
     everything = samples_of(receipts, None, sha, c.objective) + values
     first = outcomes[0].record or {}
-    old = ctx.ledger.noise()
-    previous = [{k2: v for k2, v in m.items() if k2 not in ("previous", "runs")} for m in noise_measurements(old)]
     data = {
         "schema": NOISE_SCHEMA, "floor": std(everything), "samples": values, "seeds": [o.seed for o in outcomes],
         "mean": mean(values), "n": len(values), "n_with_receipts": len(everything),
@@ -758,9 +756,11 @@ def measure_noise(root, campaign, *, runs: int | None = None, runner=run_child, 
         "contract": first.get("contract"), "smoke": bool(first.get("smoke")),
         "tok_per_sec": [o.metrics.get("tok_per_sec") for o in outcomes],
         "runs": [o.to_dict() for o in outcomes], "measured_at": now(), "campaign": c.to_dict(),
-        "previous": previous,
     }
     with _shielded() as pending, ctx.ledger.lock():
+        # Read again under the lock: another worker may have stored a measurement during these runs.
+        data["previous"] = [{k2: v for k2, v in m.items() if k2 not in ("previous", "runs")}
+                            for m in noise_measurements(ctx.ledger.noise())]
         ctx.ledger.write_noise(data)
         a._ledger_commit(f"noise floor sd={data['floor']:.6f} over {len(everything)} runs of {champ['commit'][:7]}")
     if pending:
