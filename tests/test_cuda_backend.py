@@ -233,6 +233,17 @@ def test_softcap_cross_entropy_matches_autograd_of_the_plain_formula(tt):
     torch.testing.assert_close(z.grad.double(), z64.grad, atol=2e-3, rtol=1e-2)
 
 
+def test_head_loss_reductions(tt):
+    model = tt.build_model(recipe_of(TINY), V, T)
+    x, y = (torch.from_numpy(a) for a in tokens())
+    with torch.no_grad():
+        per_token = model(x, y, reduction="none")
+        assert per_token.shape == y.shape
+        torch.testing.assert_close(model(x, y), per_token.mean())
+        with pytest.raises(ValueError, match='"mean" or "none"'):
+            model(x, y, reduction="sum")
+
+
 def test_flops_per_token_and_windows_match_train_py(tt):
     for overrides in (TINY, {**TINY, "DEPTH": 3, "WINDOW_PATTERN": "SL", "SHORT_WINDOW_FRAC": 0.25},
                       {"DEPTH": 8, "ASPECT_RATIO": 64}):
