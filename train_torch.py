@@ -17,7 +17,8 @@ The model computes what train.py's MLX GPT computes: bf16 weights and residual s
 logits and loss, the same parameter names and init rules (tests load MLX weights into it and
 compare losses, gradients and one optimizer step). Full-context layers use SDPA's causal
 kernels; short windows run through flex_attention with block masks when the model is compiled
-on a GPU, and through SDPA with a boolean mask otherwise.
+on a GPU, and through SDPA with a boolean mask otherwise. Where the backend passes an attention
+kernel (FlashAttention-4 on Hopper and newer, when installed), that kernel runs every layer.
 """
 import math
 from dataclasses import dataclass
@@ -167,8 +168,8 @@ class Attention(nn.Module):
             v = v + gate[..., None] * ve.view(shape)
         q = apply_rope(rms_norm(q), cos, sin)
         k = apply_rope(rms_norm(k), cos, sin)
-        y = self.masks.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window, self.scale)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = self.masks.attend(q, k, v, self.window, self.scale)
+        return self.c_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -198,7 +199,9 @@ class Masks:
 
     Full-context layers use SDPA's causal kernels. Short windows use flex_attention, which skips
     the blocks a window never reaches but is fast only inside torch.compile on a GPU; everywhere
-    else (CPU, eager evaluation) SDPA takes a boolean mask.
+    else (CPU, eager evaluation) SDPA takes a boolean mask. A backend may set `kernel`, a function
+    (q, k, v, window, scale) on (B, T, H, D) tensors computing the same attention (the cuda
+    backend's FlashAttention-4 ops); it then runs every layer.
     """
 
     def __init__(self, seq_len: int, windows):
@@ -206,6 +209,7 @@ class Masks:
         self.windows = sorted(set(windows))
         self.bool_masks = {}
         self.block_masks = None
+        self.kernel = None
 
     def to(self, device):
         self.bool_masks = {w: window_mask(self.seq_len, w, device) for w in self.windows if w < self.seq_len}
@@ -225,7 +229,12 @@ class Masks:
                             for w in self.windows if w < T}
 
     def attend(self, q, k, v, window, scale):
-        """q, k, v: (B, H, T, D) -> (B, H, T, D)."""
+        """q, k, v: (B, T, H, D) -> (B, T, H, D)."""
+        if self.kernel is not None:
+            return self.kernel(q, k, v, window, scale)
+        return self._attend_bhtd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, scale).transpose(1, 2)
+
+    def _attend_bhtd(self, q, k, v, window, scale):
         T = q.size(-2)
         if window >= T:  # plain causal: SDPA's fused kernels (flash / cuDNN) beat flex_attention here
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -307,16 +316,18 @@ class GPT(nn.Module):
         return self(idx, targets, reduction="none")
 
 
-def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=False) -> GPT:
+def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=False, attention=None) -> GPT:
     """A GPT for `recipe`, initialised on `device` from torch's global RNG (seed it first).
 
     flex=True builds flex_attention block masks; the backend asks for them only when it compiles
-    the model on a GPU, the one place where flex_attention is fast.
+    the model on a GPU, the one place where flex_attention is fast. attention: an attention
+    kernel for every layer instead (see Masks); the backend passes FlashAttention-4 where it runs.
     """
     with torch.device(device):     # weights are drawn where they live: no host-side init and copy
         model = GPT(GPTConfig.from_recipe(recipe, vocab_size, seq_len))
     model.masks.to(device)
-    if flex:
+    model.masks.kernel = attention
+    if flex and attention is None:
         model.masks.enable_flex(device)
     return model
 

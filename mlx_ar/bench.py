@@ -114,7 +114,7 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
         "ms_per_step_mean": round(float(np.mean(times)) * 1e3, 2), "tok_per_sec": round(tok_s),
         "optimizer_ms": round(opt_s * 1e3, 2), "optimizer_share_percent": round(100 * opt_s / step_s, 1),
         "mfu_percent": mfu_percent(backend.flops_per_token, tok_s, backend.peak_flops()),
-        "peak_memory_mb": round(backend.peak_memory_mb(), 1),
+        "peak_memory_mb": round(backend.peak_memory_mb(), 1), "versions": backend.versions(),
     }
     if echo:
         mfu = "unknown" if figures["mfu_percent"] is None else f"{figures['mfu_percent']:.1f}%"
@@ -122,6 +122,8 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
              f"{figures['tok_per_sec']:,} tok/s | mfu {mfu}")
         echo(f"optimizer {figures['optimizer_ms']} ms = {figures['optimizer_share_percent']}% of a step | "
              f"peak memory {figures['peak_memory_mb']:,} MB")
+        if "attention" in figures["versions"]:
+            echo(f"attention kernels: {figures['versions']['attention']}")
     return figures
 
 

@@ -276,7 +276,8 @@ def test_window_masks_and_flex_block_masks_match_naive_attention(tt):
         assert np.array_equal(tt.window_mask(T, w).numpy(), naive)
         scores = (q @ k.mT) * 0.3
         ref = torch.softmax(scores.masked_fill(~torch.from_numpy(naive), float("-inf")), -1) @ v
-        torch.testing.assert_close(masks.attend(q, k, v, w, 0.3), ref, atol=1e-5, rtol=1e-5)
+        bthd = [t.transpose(1, 2) for t in (q, k, v)]    # the model's layout: (B, T, H, D)
+        torch.testing.assert_close(masks.attend(*bthd, w, 0.3).transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
         if w == T:  # full context goes through SDPA's causal kernels: no block mask is built for it
             assert w not in masks.block_masks
             continue
@@ -331,6 +332,7 @@ def test_backend_protocol_on_cpu(t):
     assert b.device_name().endswith("(cpu)") and b.peak_flops() is None
     assert b.executed_files() == [TRAIN_PY.resolve(), TORCH_PY.resolve()]
     assert b.versions()["torch"] == torch.__version__
+    assert b.versions()["attention"] == "torch sdpa"           # FA4 is for Hopper GPUs only
     assert b.num_params == sum(p.numel() for p in b.model.parameters())
     assert b.flops_per_token == load_train(TINY).flops_per_token(load_train(TINY).GPTConfig.from_recipe(V, T))
     x, y = batch(2, 3)
@@ -447,7 +449,23 @@ def test_train_py_backend_cuda_smoke_run(tmp_path, data_cache, tiny_dataset):
     assert rec["executed_files"] == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
                                      for name in ("train.py", "train_torch.py")}
     assert rec["versions"]["torch"] == torch.__version__
+    assert rec["versions"]["attention"] == "torch sdpa" and "attention kernels: torch sdpa" in proc.stdout
 
+
+
+def test_bench_train_json_is_one_json_object_naming_the_kernels(monkeypatch):
+    from click.testing import CliRunner
+
+    from mlx_ar.bench import bench_command
+
+    monkeypatch.chdir(ROOT)
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v!r}")]
+    result = CliRunner().invoke(bench_command, ["train", "--backend", "cuda", "--profile", "demo", "--steps", "2",
+                                                "--warmup", "1", "--json", *sets])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)       # nothing else on stdout: scripts parse it
+    assert figures["backend"] == "cuda" and figures["tok_per_sec"] > 0
+    assert figures["versions"]["attention"] == "torch sdpa"
 
 # --- what an agent may edit -------------------------------------------------------------------
 SRC = TRAIN_PY.read_text()

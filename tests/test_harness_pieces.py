@@ -370,3 +370,28 @@ def test_a_backend_without_its_framework_names_the_extra_to_install(monkeypatch)
     monkeypatch.setattr(builtins, "__import__", no_torch)
     with pytest.raises(BackendUnavailable, match=r'cuda backend needs torch.*pip install -e "\.\[cuda\]"'):
         get_backend("cuda", "train.py")
+
+
+def test_progress_line_rate_is_a_recent_mean_so_a_queued_last_step_reads_sanely():
+    import io
+    from types import SimpleNamespace
+
+    from mlx_ar.harness.loop import StepInfo
+    from mlx_ar.harness.main import RATE_WINDOW_S, _Progress
+
+    out = io.StringIO()
+    progress = _Progress(SimpleNamespace(flops_per_token=1e6), tokens_per_step=1000, peak=1e12, stream=out)
+    hyper = {"lr_mult": 1.0}
+    # A compile step, then queued steps whose times pair up (0.15 + 0.05 s) and a last one near zero.
+    seconds = [30.0] + [0.15, 0.05] * 50 + [0.0001]
+    for i, s in enumerate(seconds):
+        remaining = 0.0 if i == len(seconds) - 1 else 100.0
+        progress(StepInfo(i + 1, 3.0, s, hyper, i / len(seconds), remaining, 0, counted=i > 0))
+    lines = out.getvalue().splitlines()
+
+    def rate(line):
+        return float(line.split(" tok/s")[0].rsplit("| ", 1)[1].replace(",", ""))
+    assert "| 30000.0 ms |" in lines[0] and rate(lines[0]) == 33    # warmup: its own time
+    assert rate(lines[-1]) == pytest.approx(10_000, rel=0.1), lines[-1]   # ~0.1 s a step, not 0.0001
+    assert "| mfu 1.0% |" in lines[-1]
+    assert RATE_WINDOW_S >= 1.0

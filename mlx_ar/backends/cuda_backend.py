@@ -17,7 +17,12 @@ Choices, and why:
   `none` (eager; SDPA with boolean masks).
 - Budget: compilation happens inside the first step (the forward, backward and optimizer graphs
   are all built there; later steps reuse them, which tests check), so `warmup_steps` is 1.
-- Evaluation runs eagerly (SDPA), so it compiles nothing new and its start-up is nil.
+- Attention: FlashAttention-4 (the optional `flash-attn-4` package, see fa4.py) for every layer
+  where it runs (Hopper or newer, package installed); otherwise SDPA for full-context layers and
+  flex_attention for short windows. `MLX_AR_ATTENTION` overrides the choice: `auto`, `fa4`
+  (required: a clear error where it cannot run), `torch` (SDPA + flex_attention). The run
+  records which kernels it used (versions -> attention).
+- Evaluation runs eagerly (SDPA, or FA4's forward where chosen), so it compiles nothing new.
 
     backend = CudaBackend(train_globals)
     backend.build(recipe, vocab_size, seq_len, seed)
@@ -37,6 +42,9 @@ from ..harness import hardware
 TORCH_FILE = "train_torch.py"      # the torch model file, next to train.py
 COMPILE_ENV = "MLX_AR_TORCH_COMPILE"
 COMPILE_MODES = ("model", "blocks", "none")
+ATTENTION_ENV = "MLX_AR_ATTENTION"
+ATTENTION_CHOICES = ("auto", "fa4", "torch")
+FA4_CACHE_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
 
 _module_ids = itertools.count()
 
@@ -49,6 +57,26 @@ def default_compile_mode(on_gpu: bool, env=os.environ) -> str:
     if mode not in COMPILE_MODES:
         raise ValueError(f"{COMPILE_ENV}={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     return mode
+
+
+def choose_attention(device, head_dim: int, env=os.environ, probe=None) -> tuple[str, str]:
+    """("fa4" | "torch", why) for a model with heads of `head_dim` channels on `device`.
+
+    `probe(device, head_dim)` says why FA4 cannot run (None: it can); default fa4.unavailable_reason.
+    """
+    choice = env.get(ATTENTION_ENV, "").strip().lower() or "auto"
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"{ATTENTION_ENV}={choice!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+    if choice == "torch":
+        return "torch", f"{ATTENTION_ENV}=torch"
+    if probe is None:
+        from .fa4 import unavailable_reason as probe
+    reason = probe(device, head_dim)
+    if reason is None:
+        return "fa4", "available"
+    if choice == "fa4":
+        raise ValueError(f"{ATTENTION_ENV}=fa4, but FlashAttention-4 cannot run here: {reason}")
+    return "torch", reason
 
 
 def load_torch_file(path):
@@ -121,6 +149,7 @@ class CudaBackend:
         self.warmup_steps = 1
         self.num_params = 0
         self.flops_per_token = 0.0
+        self.attention = None          # the attention kernels build() chose, for the record
 
     # --- device ---------------------------------------------------------------------------
     def device_name(self) -> str:
@@ -144,7 +173,8 @@ class CudaBackend:
         torch.manual_seed(seed)
         tt = load_torch_file(self.torch_file)
         flex = self.on_gpu and self.compile_mode != "none"
-        model = tt.build_model(recipe, vocab_size, seq_len, device=self.device, flex=flex)
+        kernel = self._attention_kernel(tt.GPTConfig.from_recipe(recipe, vocab_size, seq_len).head_dim)
+        model = tt.build_model(recipe, vocab_size, seq_len, device=self.device, flex=flex, attention=kernel)
         optimizer = tt.build_optimizer(model, recipe)
         self.tt, self.model, self.optimizer = tt, model, optimizer
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -160,6 +190,19 @@ class CudaBackend:
             model.head_loss = torch.compile(model.head_loss, **options)
         if self.compile_mode != "none":
             optimizer.compile(**self.compile_options)
+
+    def _attention_kernel(self, head_dim: int):
+        """FA4's attention function where it is chosen, else None (train_torch.py's own kernels)."""
+        kind, why = choose_attention(self.device, head_dim)
+        if kind == "torch":
+            self.attention = f"torch sdpa+flex (fa4 not used: {why})" if self.on_gpu else "torch sdpa"
+            return None
+        # Compiled FA4 kernels are kept on disk, so later runs skip their ~5 s compile each.
+        os.environ.setdefault(FA4_CACHE_ENV, "1")
+        from . import fa4
+
+        self.attention = f"fa4 {fa4.version()}"
+        return fa4.attention
 
     def load_weights(self, arrays: dict) -> None:
         """Replace the built model's weights (numpy arrays by parameter name)."""
@@ -223,6 +266,8 @@ class CudaBackend:
         out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
         if self.on_gpu:
             out["cuda"] = torch.version.cuda
+        if self.attention:
+            out["attention"] = self.attention
         return out
 
     # --- benchmark hooks ------------------------------------------------------------------

@@ -7,6 +7,7 @@ summary block and writes the run record. Every failure (bad data, a NaN loss, an
 Ctrl-C) still prints `FAIL: <reason>` and writes a record with status "fail".
 """
 import argparse
+import collections
 import math
 import sys
 import time
@@ -21,6 +22,7 @@ from ..recipe import RecipeError, read_recipe
 DEFAULT_RECORD = "run.json"
 # Seconds between progress lines when stdout is not a terminal (a log file).
 LOG_EVERY_S = 5.0
+RATE_WINDOW_S = 2.0                # the progress line's step time is a mean over this much training
 
 
 def parse_args(argv, recipe):
@@ -59,7 +61,12 @@ def micro_batches(batches, n_micro, rows):
 
 
 class _Progress:
-    """Prints the live progress line: in place on a terminal, every few seconds in a log."""
+    """Prints the live progress line: in place on a terminal, every few seconds in a log.
+
+    Step time, tok/s and MFU are averaged over the last RATE_WINDOW_S of counted steps: with a
+    step queued behind the running one, one step's own time can include its successor's (a
+    device sync waits for both) and the last step's can be near zero.
+    """
 
     def __init__(self, backend, tokens_per_step, peak, stream=sys.stdout):
         from .hardware import mfu_percent
@@ -69,17 +76,29 @@ class _Progress:
         self.backend, self.tokens_per_step, self.peak = backend, tokens_per_step, peak
         self.stream, self.tty = stream, stream.isatty()
         self.last_print = 0.0
+        self.recent, self.recent_sum = collections.deque(), 0.0
+
+    def step_seconds(self, info) -> float:
+        """Mean seconds per step over the recent counted steps (this step's own time in warmup)."""
+        if not info.counted:
+            return info.seconds
+        self.recent.append(info.seconds)
+        self.recent_sum += info.seconds
+        while len(self.recent) > 1 and self.recent_sum - self.recent[0] >= RATE_WINDOW_S:
+            self.recent_sum -= self.recent.popleft()
+        return self.recent_sum / len(self.recent)
 
     def __call__(self, info):
         self.line.update(info.loss)
+        seconds = self.step_seconds(info)
         now = time.monotonic()
         last = info.remaining_seconds <= 0
         if not self.tty and info.counted and not last and now - self.last_print < LOG_EVERY_S:
             return
         self.last_print = now
-        tok_s = self.tokens_per_step / info.seconds if info.seconds > 0 else 0.0
+        tok_s = self.tokens_per_step / seconds if seconds > 0 else 0.0
         mfu = self.mfu_percent(self.backend.flops_per_token, tok_s, self.peak)
-        text = self.line.format(info.step, info.progress, info.loss, info.hyper["lr_mult"], info.seconds,
+        text = self.line.format(info.step, info.progress, info.loss, info.hyper["lr_mult"], seconds,
                                 tok_s, mfu, info.remaining_seconds, info.epoch)
         self.stream.write(("\r" + text) if self.tty else (text + "\n"))
         self.stream.flush()
@@ -171,6 +190,9 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     rows, n_micro, device_rows = batch_geometry(recipe, seq_len)
     tokens_per_step = rows * seq_len
     backend.build(recipe, ds.vocab_size, seq_len, seed)
+    fields["versions"] = backend.versions()      # again: build adds the kernels it chose
+    if "attention" in fields["versions"]:
+        print(f"attention kernels: {fields['versions']['attention']}", flush=True)
     fields["executed_files"] = file_hashes(backend.executed_files(), root=train_file.parent)
     peak = backend.peak_flops()
     budget_text = budget_label(budget, args.smoke is not None)

@@ -1,0 +1,173 @@
+"""FlashAttention-4 glue (mlx_ar/backends/fa4.py) and the cuda backend's choice of attention kernel.
+
+The FA4 kernels need a Hopper GPU, so on the CPU the custom ops get a reference kernel (plain
+masked softmax attention, registered for the CPU device in a fixture): what is tested there is
+the glue around FA4 — window conversion, layout, the autograd wiring of the two ops, their fake
+(shape) functions under torch.compile, and the model running every layer through them. The
+gpu-marked test compares the real kernels with SDPA where FA4 runs.
+"""
+import numpy as np
+import pytest
+import torch
+
+from _train_utils import ROOT, TINY
+from mlx_ar.backends import fa4
+from mlx_ar.backends.cuda_backend import ATTENTION_ENV, choose_attention, load_torch_file
+from mlx_ar.recipe import parse_recipe
+
+T = 32
+
+
+def _probabilities(q, k, left, scale):
+    """Masked softmax probabilities (B, H, T, T) in float32 and their log-partition (B, H, T)."""
+    qh, kh = (t.transpose(1, 2).float() for t in (q, k))
+    i, j = torch.arange(q.size(1))[:, None], torch.arange(q.size(1))[None]
+    allowed = (j <= i) & ((i - j <= left) if left >= 0 else True)
+    s = ((qh @ kh.mT) * scale).masked_fill(~allowed.to(q.device), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse[..., None]), lse
+
+
+def reference_fwd(q, k, v, left, scale):
+    """(out (B, T, H, D), lse (B, H, T)) of causal attention over `left` keys back (-1: all)."""
+    p, lse = _probabilities(q, k, left, scale)
+    return (p @ v.transpose(1, 2).float()).transpose(1, 2).to(q.dtype), lse
+
+
+def reference_bwd(q, k, v, out, dout, lse, left, scale):
+    """Attention's gradients by the textbook formulas (a kernel runs below autograd)."""
+    p, _ = _probabilities(q, k, left, scale)
+    qh, kh, vh, oh, doh = (t.transpose(1, 2).float() for t in (q, k, v, out, dout))
+    dp = doh @ vh.mT
+    ds = p * (dp - (doh * oh).sum(-1, keepdim=True))
+    grads = (ds @ kh * scale, ds.mT @ qh * scale, p.mT @ doh)
+    return tuple(g.transpose(1, 2).to(q.dtype).contiguous() for g in grads)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    """Reference kernels for the two ops on the CPU (the real ones are FA4's, CUDA only)."""
+    torch.library.register_kernel("mlx_ar::fa4_fwd", "cpu", reference_fwd)
+    torch.library.register_kernel("mlx_ar::fa4_bwd", "cpu", reference_bwd)
+
+
+def sdpa_attention(q, k, v, window, scale):
+    """The attention train_torch.py computes without a kernel, on (B, T, H, D) tensors."""
+    ones = torch.ones(q.size(1), q.size(1), dtype=torch.bool, device=q.device)
+    mask = ones.tril() & ~ones.tril(-window)
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                           attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+# --- choosing the kernel ------------------------------------------------------------------------
+def test_window_left_counts_keys_before_the_query():
+    assert fa4.window_left(1, T) == 0              # only the query's own key
+    assert fa4.window_left(16, T) == 15
+    assert fa4.window_left(T, T) == -1             # the whole causal context
+    assert fa4.window_left(10 * T, T) == -1
+    with pytest.raises(ValueError, match="at least 1 key"):
+        fa4.window_left(0, T)
+
+
+def test_unavailable_reason_names_what_is_missing():
+    found = lambda name: object()                          # noqa: E731
+    assert "not a CUDA device" in fa4.unavailable_reason("cpu", 128)
+    assert "head_dim 100" in fa4.unavailable_reason("cuda", 100, capability=(9, 0), find_spec=found)
+    assert "head_dim 512" in fa4.unavailable_reason("cuda", 512, capability=(9, 0), find_spec=found)
+    assert "8.0 is below 9.0" in fa4.unavailable_reason("cuda", 128, capability=(8, 0), find_spec=found)
+    missing = fa4.unavailable_reason("cuda", 128, capability=(9, 0), find_spec=lambda name: None)
+    assert "flash-attn-4 is not installed" in missing and "pip install" in missing
+    assert fa4.unavailable_reason("cuda", 128, capability=(9, 0), find_spec=found) is None
+    assert fa4.unavailable_reason("cuda", 64, capability=(10, 0), find_spec=found) is None
+
+
+def test_choose_attention_follows_the_probe_and_the_environment():
+    can = lambda device, head_dim: None                    # noqa: E731
+    cannot = lambda device, head_dim: "flash-attn-4 is not installed"  # noqa: E731
+    assert choose_attention("cuda", 128, env={}, probe=can) == ("fa4", "available")
+    assert choose_attention("cuda", 128, env={}, probe=cannot) == ("torch", "flash-attn-4 is not installed")
+    assert choose_attention("cuda", 128, env={ATTENTION_ENV: " AUTO "}, probe=can)[0] == "fa4"
+    assert choose_attention("cuda", 128, env={ATTENTION_ENV: "torch"}, probe=can)[0] == "torch"
+    assert choose_attention("cuda", 128, env={ATTENTION_ENV: "fa4"}, probe=can)[0] == "fa4"
+    with pytest.raises(ValueError, match="cannot run here: flash-attn-4 is not installed"):
+        choose_attention("cuda", 128, env={ATTENTION_ENV: "fa4"}, probe=cannot)
+    with pytest.raises(ValueError, match="choose one of auto, fa4, torch"):
+        choose_attention("cuda", 128, env={ATTENTION_ENV: "flash"}, probe=can)
+
+
+def test_choose_attention_on_the_cpu_keeps_torch_kernels():
+    assert choose_attention(torch.device("cpu"), 128, env={})[0] == "torch"
+
+
+# --- the ops' glue, with reference kernels on the CPU ---------------------------------------------
+@pytest.mark.parametrize("window", [1, 5, 16, T])
+def test_ops_match_masked_attention_forward_and_gradients(cpu_kernels, window):
+    torch.manual_seed(0)
+    q, k, v, dy = torch.randn(4, 2, T, 3, 8).unbind(0)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    y = fa4.attention(*leaves, window, 0.3)
+    y.backward(dy)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = sdpa_attention(*ref_leaves, window, 0.3)
+    ref.backward(dy)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_ops_compile_whole_and_match_eager(cpu_kernels):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, T, 3, 8, requires_grad=True) for _ in range(3))
+    fn = torch.compile(lambda a, b, c: fa4.attention(a, b, c, 16, 0.25).square().sum(),
+                       fullgraph=True, dynamic=False, backend="aot_eager")
+    torch._dynamo.reset()
+    loss = fn(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager = fa4.attention(q, k, v, 16, 0.25).square().sum()
+    torch.testing.assert_close(loss, eager, atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, torch.autograd.grad(eager, (q, k, v))):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_model_with_the_fa4_kernel_matches_its_own_kernels(cpu_kernels):
+    tt = load_torch_file(ROOT / "train_torch.py")
+    from mlx_ar.recipe import apply_recipe
+
+    recipe = parse_recipe(apply_recipe((ROOT / "train.py").read_text(), TINY))
+    models = []
+    for attention in (None, fa4.attention):
+        torch.manual_seed(0)
+        models.append(tt.build_model(recipe, 97, T, attention=attention))
+    assert models[1].masks.kernel is fa4.attention and models[1].masks.block_masks is None
+    rng = np.random.default_rng(0)
+    x, y = (torch.from_numpy(rng.integers(0, 97, (2, T))) for _ in range(2))
+    losses = []
+    for m in models:
+        loss = m(x, y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=2e-3)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert a.grad is not None, name
+        torch.testing.assert_close(b.grad.float(), a.grad.float(), atol=2e-2, rtol=5e-2, msg=name)
+
+
+# --- the real kernels ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or fa4.unavailable_reason("cuda", 128) is not None,
+                    reason="needs a Hopper-or-newer GPU with flash-attn-4 installed")
+@pytest.mark.parametrize("window", [1, 100, 1024, 2048])
+def test_fa4_kernels_match_sdpa_on_the_gpu(window):
+    torch.manual_seed(0)
+    B, TT, H, D = 2, 2048, 4, 128
+    q, k, v, dy = (torch.randn(B, TT, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    y = fa4.attention(*leaves, window, D ** -0.5)
+    y.backward(dy)
+    ref_leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = sdpa_attention(*[t for t in ref_leaves], window, D ** -0.5)
+    ref.backward(dy.float())
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
