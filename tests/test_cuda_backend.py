@@ -25,8 +25,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from _train_utils import ROOT, TINY, TRAIN_PY, load_train
 from mlx_ar.backends import get_backend
-from mlx_ar.backends.cuda_backend import (COMPILE_ENV, CudaBackend, default_compile_mode, load_numpy_weights,
-                                          load_torch_file, numpy_weights)
+from mlx_ar.backends.cuda_backend import (COMPILE_ENV, GRAPH_ENV, CudaBackend, GraphedStep, default_compile_mode,
+                                          graph_wanted, load_numpy_weights, load_torch_file, numpy_weights)
 from mlx_ar.backends.surface import EXECUTED, MUTABLE_FILES, inert_changes, refuse_reason
 from mlx_ar.recipe import apply_recipe, parse_recipe
 
@@ -453,6 +453,60 @@ def test_train_py_backend_cuda_smoke_run(tmp_path, data_cache, tiny_dataset):
 
 
 
+# --- the step as a CUDA graph -------------------------------------------------------------------
+def test_graph_wanted_on_a_gpu_with_a_compiled_model_unless_switched_off():
+    assert graph_wanted(True, "model", env={}) and graph_wanted(True, "blocks", env={GRAPH_ENV: "1"})
+    assert not graph_wanted(True, "model", env={GRAPH_ENV: "0"})
+    assert not graph_wanted(True, "none", env={}) and not graph_wanted(False, "model", env={})
+    with pytest.raises(ValueError, match="MLX_AR_CUDA_GRAPH='yes': use 1"):
+        graph_wanted(True, "model", env={GRAPH_ENV: "yes"})
+
+
+def test_graphed_step_records_once_and_replays_the_same_training(t):
+    """On the CPU a fake recorder replays by running the step again; the logic around it is the GPU's."""
+    plain, graphed = make_backend(t), make_backend(t)
+    recorded = []
+
+    def record(fn):                    # what torch.cuda.graph does, minus the GPU: replay = run again
+        recorded.append(graphed._steps)
+        return fn
+    graphed.graphed = GraphedStep(torch, graphed._run_step, record)
+    handles, losses = [], {"plain": [], "graphed": []}
+    for i in range(4):
+        x, y = batch(2, 3, seed=i)
+        for name, b in (("plain", plain), ("graphed", graphed)):
+            b.set_hyper(1.0, 0.9, 0.1)
+            handle = b.step(x, y)
+            losses[name].append(b.loss_value(handle))
+            if name == "graphed":
+                handles.append(handle)
+    assert recorded == [2]                       # step 1 ran as usual (it compiles), step 2 recorded
+    assert losses["graphed"] == losses["plain"]
+    for a, b in zip(plain.model.parameters(), graphed.model.parameters()):
+        assert torch.equal(a, b)
+    # each handle is the step's own value, not the static buffer a later replay overwrites
+    assert [h.item() for h in handles] == losses["graphed"] and len(set(losses["graphed"])) == 4
+    assert handles[1].data_ptr() != graphed.graphed.loss.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_gpu_graphed_steps_match_launched_steps(t, monkeypatch):
+    monkeypatch.setenv("MLX_AR_ATTENTION", "torch")   # FA4's backward sums with atomics: not bit-stable
+    seq, runs = 256, {}
+    rng = np.random.default_rng(0)
+    data = [(rng.integers(0, V, (2, 4, seq)).astype(np.uint16),) * 2 for _ in range(5)]
+    for flag in ("0", "1"):
+        monkeypatch.setenv(GRAPH_ENV, flag)
+        torch._dynamo.reset()
+        b = CudaBackend(vars(t))
+        b.configure_memory()
+        b.build(recipe_of(TINY), V, seq, seed=0)
+        assert (b.graphed is not None) == (flag == "1") and b.warmup_steps == (2 if flag == "1" else 1)
+        b.set_hyper(1.0, 0.9, 0.1)
+        runs[flag] = [b.loss_value(b.step(x, np.roll(x, -1, -1))) for x, _ in data]
+    np.testing.assert_allclose(runs["1"], runs["0"], rtol=1e-3)
+
 def test_bench_train_json_is_one_json_object_naming_the_kernels(monkeypatch):
     from click.testing import CliRunner
 
@@ -540,7 +594,7 @@ def test_gpu_compiled_flex_step_matches_eager_and_learns(t):
     assert b.compile_mode == "model" and b.device.type == "cuda"
     b.configure_memory()
     b.build(recipe, V, seq, seed=0)
-    assert b.model.masks.block_masks is not None                       # the flex path is armed
+    assert b.model.masks.block_masks is not None or b.model.masks.kernel is not None   # flex or FA4 armed
     assert b.peak_flops() == hardware.nvidia_peak_flops(b.device_name())
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (2, 4, seq)).astype(np.uint16)

@@ -17,6 +17,11 @@ Choices, and why:
   `none` (eager; SDPA with boolean masks).
 - Budget: compilation happens inside the first step (the forward, backward and optimizer graphs
   are all built there; later steps reuse them, which tests check), so `warmup_steps` is 1.
+- CUDA graph: with a compiled model on a GPU, the second step records the whole step (every
+  micro-batch's forward and backward, then the optimizer update) as one CUDA graph and each
+  later step replays it: one launch instead of hundreds, so the GPU never waits on Python
+  (FA4's launch path alone costs about a millisecond of Python a call). Recording is part of
+  the warmup, so `warmup_steps` is 2 there. `MLX_AR_CUDA_GRAPH=0` turns it off.
 - Attention: FlashAttention-4 (the optional `flash-attn-4` package, see fa4.py) for every layer
   where it runs (Hopper or newer, package installed); otherwise SDPA for full-context layers and
   flex_attention for short windows. `MLX_AR_ATTENTION` overrides the choice: `auto`, `fa4`
@@ -45,6 +50,7 @@ COMPILE_MODES = ("model", "blocks", "none")
 ATTENTION_ENV = "MLX_AR_ATTENTION"
 ATTENTION_CHOICES = ("auto", "fa4", "torch")
 FA4_CACHE_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+GRAPH_ENV = "MLX_AR_CUDA_GRAPH"
 
 _module_ids = itertools.count()
 
@@ -57,6 +63,56 @@ def default_compile_mode(on_gpu: bool, env=os.environ) -> str:
     if mode not in COMPILE_MODES:
         raise ValueError(f"{COMPILE_ENV}={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     return mode
+
+
+def graph_wanted(on_gpu: bool, compile_mode: str, env=os.environ) -> bool:
+    """Record the step as a CUDA graph? On a GPU with a compiled model, unless MLX_AR_CUDA_GRAPH=0."""
+    flag = env.get(GRAPH_ENV, "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"{GRAPH_ENV}={flag!r}: use 1 (record the step as a CUDA graph) or 0 (do not)")
+    return on_gpu and compile_mode != "none" and flag != "0"
+
+
+def record_cuda_graph(torch, fn):
+    """Record fn's GPU work as a CUDA graph (fn runs once, on the CPU side only); returns its replay."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()       # the graph gets its own memory pool: hand back what the first step cached
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+class GraphedStep:
+    """One training step recorded once as a CUDA graph and replayed.
+
+    `run(xs, ys, loss_out)` is the step on lists of device token tensors; it leaves its mean loss
+    in `loss_out`. Inputs are copied into static device buffers before each replay, and each
+    replay's loss is copied out at once, so a step queued behind it cannot overwrite a value the
+    caller has not read yet. `record(fn)` records fn and returns the replay function
+    (record_cuda_graph on a GPU; tests pass one that replays by calling fn on the CPU).
+    """
+
+    def __init__(self, torch, run, record):
+        self.torch, self.run, self.record = torch, run, record
+        self.replay = None
+
+    def __call__(self, inputs, targets):
+        """inputs, targets: (n, B, T) int32 device tensors -> the step's mean loss (a fresh tensor)."""
+        torch = self.torch
+        if self.replay is None:
+            self.inputs, self.targets = torch.empty_like(inputs), torch.empty_like(targets)
+            self.loss = torch.zeros((), dtype=torch.float32, device=inputs.device)
+
+            def step():
+                xs = [self.inputs[i].long() for i in range(self.inputs.shape[0])]
+                ys = [self.targets[i].long() for i in range(self.targets.shape[0])]
+                self.run(xs, ys, self.loss)
+            self.replay = self.record(step)
+        self.inputs.copy_(inputs, non_blocking=True)
+        self.targets.copy_(targets, non_blocking=True)
+        self.replay()
+        return self.loss.clone()
 
 
 def choose_attention(device, head_dim: int, env=os.environ, probe=None) -> tuple[str, str]:
@@ -150,6 +206,7 @@ class CudaBackend:
         self.num_params = 0
         self.flops_per_token = 0.0
         self.attention = None          # the attention kernels build() chose, for the record
+        self.graphed = None            # GraphedStep once build() decides to record the step
 
     # --- device ---------------------------------------------------------------------------
     def device_name(self) -> str:
@@ -190,6 +247,10 @@ class CudaBackend:
             model.head_loss = torch.compile(model.head_loss, **options)
         if self.compile_mode != "none":
             optimizer.compile(**self.compile_options)
+        self.graphed, self._steps = None, 0
+        if graph_wanted(self.on_gpu, self.compile_mode):
+            self.graphed = GraphedStep(torch, self._run_step, lambda fn: record_cuda_graph(torch, fn))
+            self.warmup_steps = 2          # step 1 compiles, step 2 records the graph
 
     def _attention_kernel(self, head_dim: int):
         """FA4's attention function where it is chosen, else None (train_torch.py's own kernels)."""
@@ -212,17 +273,14 @@ class CudaBackend:
         self.optimizer.set_hyper(lr_mult, muon_momentum, weight_decay)
 
     def _to_device(self, a: np.ndarray):
-        """(n, B, T) tokens -> n contiguous int64 (B, T) device tensors; the copy does not block."""
+        """(n, B, T) tokens -> one int32 (n, B, T) device tensor; the copy does not block."""
         host = self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
         if self.on_gpu:
             host = host.pin_memory()
-        dev = host.to(self.device, non_blocking=True)
-        # A fresh tensor per micro-batch (not a view at an offset) keeps compiled-graph guards stable.
-        return [dev[i].long() for i in range(dev.shape[0])]
+        return host.to(self.device, non_blocking=True)
 
-    def step(self, inputs: np.ndarray, targets: np.ndarray):
-        """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""
-        xs, ys = self._to_device(inputs), self._to_device(targets)
+    def _run_step(self, xs, ys, loss_out=None):
+        """Forward and backward over the micro-batches, then the update; the mean loss (in loss_out if given)."""
         n = len(xs)
         total = None
         for x, y in zip(xs, ys):
@@ -231,7 +289,19 @@ class CudaBackend:
             total = loss.detach() if total is None else total + loss.detach()
         self.optimizer.step()
         self.optimizer.zero_grad()
-        return total / n
+        if loss_out is None:
+            return total / n
+        loss_out.copy_(total / n)
+        return loss_out
+
+    def step(self, inputs: np.ndarray, targets: np.ndarray):
+        """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""
+        xs, ys = self._to_device(inputs), self._to_device(targets)
+        self._steps += 1
+        if self.graphed is not None and self._steps > 1:   # the first step compiles, eagerly launched
+            return self.graphed(xs, ys)
+        # A fresh tensor per micro-batch (not a view at an offset) keeps compiled-graph guards stable.
+        return self._run_step([x.long() for x in xs], [y.long() for y in ys])
 
     def loss_value(self, handle) -> float:
         return handle.item()
@@ -241,7 +311,7 @@ class CudaBackend:
         torch = self.torch
         x, y = self._to_device(np.asarray(inputs)[None]), self._to_device(np.asarray(targets)[None])
         with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-            out = self.model.token_losses(x[0], y[0])
+            out = self.model.token_losses(x[0].long(), y[0].long())
         return out.float().cpu().numpy()
 
     def sync(self) -> None:
