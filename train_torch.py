@@ -30,6 +30,8 @@ import torch.nn.functional as F
 DTYPE = torch.bfloat16             # weights and residual stream; logits and loss in float32
 NS_DTYPE = torch.bfloat16          # Newton-Schulz runs in bf16, as train.py's; tests use float32
 NORM_EPS = 1e-6                    # RMS-norm epsilon (train.py's mx.fast.rms_norm eps)
+FAST_ATTENTION = True              # take the backend's FlashAttention-4 kernel for every layer where it
+                                   # runs; set False when changing Masks' attention math, or FA4 bypasses it
 
 
 # --- recipe -----------------------------------------------------------------------------------
@@ -321,13 +323,14 @@ def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=
 
     flex=True builds flex_attention block masks; the backend asks for them only when it compiles
     the model on a GPU, the one place where flex_attention is fast. attention: an attention
-    kernel for every layer instead (see Masks); the backend passes FlashAttention-4 where it runs.
+    kernel for every layer instead (see Masks), taken when FAST_ATTENTION is True; the backend
+    passes FlashAttention-4 where it runs.
     """
     with torch.device(device):     # weights are drawn where they live: no host-side init and copy
         model = GPT(GPTConfig.from_recipe(recipe, vocab_size, seq_len))
     model.masks.to(device)
-    model.masks.kernel = attention
-    if flex and attention is None:
+    model.masks.kernel = attention if FAST_ATTENTION else None
+    if flex and model.masks.kernel is None:
         model.masks.enable_flex(device)
     return model
 

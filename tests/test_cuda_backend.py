@@ -487,6 +487,9 @@ def test_graphed_step_records_once_and_replays_the_same_training(t):
     # each handle is the step's own value, not the static buffer a later replay overwrites
     assert [h.item() for h in handles] == losses["graphed"] and len(set(losses["graphed"])) == 4
     assert handles[1].data_ptr() != graphed.graphed.loss.data_ptr()
+    x, y = batch(2, 2)
+    with pytest.raises(ValueError, match=r"batches of shape \(2, 3, 32\), got \(2, 2, 32\)"):
+        graphed.step(x, y)
 
 
 @pytest.mark.gpu
@@ -611,3 +614,18 @@ def test_gpu_compiled_flex_step_matches_eager_and_learns(t):
     losses = b.eval_loss(x[0], y[0])
     assert losses.shape == (4, seq) and np.isfinite(losses).all()
     assert b.peak_memory_mb() > 0 and b.time_optimizer(repeats=3) > 0
+
+
+def test_a_step_that_cannot_be_recorded_says_why_and_how_to_opt_out():
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from mlx_ar.backends.cuda_backend import record_cuda_graph
+
+    @contextmanager
+    def graph(g):                     # torch.cuda.graph raises like this when the step syncs with the host
+        yield
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    cuda = SimpleNamespace(synchronize=lambda: None, empty_cache=lambda: None, CUDAGraph=object, graph=graph)
+    with pytest.raises(RuntimeError, match=r"not permitted when stream is capturing.*\.item\(\).*MLX_AR_CUDA_GRAPH=0"):
+        record_cuda_graph(SimpleNamespace(cuda=cuda), lambda: None)

@@ -171,3 +171,23 @@ def test_fa4_kernels_match_sdpa_on_the_gpu(window):
     torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_fast_attention_false_in_train_torch_declines_the_kernel(cpu_kernels):
+    """An agent changing Masks' attention math sets FAST_ATTENTION = False, so FA4 cannot bypass it."""
+    from types import SimpleNamespace
+
+    from mlx_ar.backends.cuda_backend import CudaBackend
+    from mlx_ar.recipe import apply_recipe
+
+    tt = load_torch_file(ROOT / "train_torch.py")
+    assert tt.FAST_ATTENTION is True
+    recipe = parse_recipe(apply_recipe((ROOT / "train.py").read_text(), TINY))
+    tt.FAST_ATTENTION = False
+    model = tt.build_model(recipe, 97, T, attention=fa4.attention)
+    assert model.masks.kernel is None
+    backend = SimpleNamespace(on_gpu=True, _attention_why="")
+    label = CudaBackend._attention_label(backend, model, offered=True)
+    assert label == "torch sdpa+flex (fa4 not used: FAST_ATTENTION = False in train_torch.py)"
+    backend._attention_why = "flash-attn-4 is not installed"
+    assert CudaBackend._attention_label(backend, model, offered=False).endswith("(fa4 not used: flash-attn-4 is not installed)")

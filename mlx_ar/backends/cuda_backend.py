@@ -78,8 +78,14 @@ def record_cuda_graph(torch, fn):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()       # the graph gets its own memory pool: hand back what the first step cached
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:
+        raise RuntimeError(f"recording the training step as a CUDA graph failed ({str(e).strip()[:300]}). "
+                           f"Something in the step waits on the host (.item(), printing a tensor, a shape that "
+                           f"depends on data) or recompiles after step 1; remove it, or run with "
+                           f"{GRAPH_ENV}=0") from e
     return graph.replay
 
 
@@ -109,6 +115,9 @@ class GraphedStep:
                 ys = [self.targets[i].long() for i in range(self.targets.shape[0])]
                 self.run(xs, ys, self.loss)
             self.replay = self.record(step)
+        if inputs.shape != self.inputs.shape or targets.shape != self.targets.shape:
+            raise ValueError(f"the recorded step takes batches of shape {tuple(self.inputs.shape)}, "
+                             f"got {tuple(inputs.shape)}; every step's batch must have the first step's shape")
         self.inputs.copy_(inputs, non_blocking=True)
         self.targets.copy_(targets, non_blocking=True)
         self.replay()
@@ -206,6 +215,7 @@ class CudaBackend:
         self.num_params = 0
         self.flops_per_token = 0.0
         self.attention = None          # the attention kernels build() chose, for the record
+        self._attention_why = ""       # why FA4 was not chosen, when it was not
         self.graphed = None            # GraphedStep once build() decides to record the step
 
     # --- device ---------------------------------------------------------------------------
@@ -232,6 +242,7 @@ class CudaBackend:
         flex = self.on_gpu and self.compile_mode != "none"
         kernel = self._attention_kernel(tt.GPTConfig.from_recipe(recipe, vocab_size, seq_len).head_dim)
         model = tt.build_model(recipe, vocab_size, seq_len, device=self.device, flex=flex, attention=kernel)
+        self.attention = self._attention_label(model, offered=kernel is not None)
         optimizer = tt.build_optimizer(model, recipe)
         self.tt, self.model, self.optimizer = tt, model, optimizer
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -253,17 +264,26 @@ class CudaBackend:
             self.warmup_steps = 2          # step 1 compiles, step 2 records the graph
 
     def _attention_kernel(self, head_dim: int):
-        """FA4's attention function where it is chosen, else None (train_torch.py's own kernels)."""
-        kind, why = choose_attention(self.device, head_dim)
+        """FA4's attention function where it is chosen (train_torch.py may still decline it), else None."""
+        kind, self._attention_why = choose_attention(self.device, head_dim)
         if kind == "torch":
-            self.attention = f"torch sdpa+flex (fa4 not used: {why})" if self.on_gpu else "torch sdpa"
             return None
         # Compiled FA4 kernels are kept on disk, so later runs skip their ~5 s compile each.
         os.environ.setdefault(FA4_CACHE_ENV, "1")
         from . import fa4
 
-        self.attention = f"fa4 {fa4.version()}"
         return fa4.attention
+
+    def _attention_label(self, model, offered: bool) -> str:
+        """What the built model runs attention with, for the record."""
+        if model.masks.kernel is not None:
+            from . import fa4
+
+            return f"fa4 {fa4.version()}"
+        if not self.on_gpu:
+            return "torch sdpa"
+        why = "FAST_ATTENTION = False in train_torch.py" if offered else self._attention_why
+        return f"torch sdpa+flex (fa4 not used: {why})"
 
     def load_weights(self, arrays: dict) -> None:
         """Replace the built model's weights (numpy arrays by parameter name)."""
