@@ -73,8 +73,11 @@ def test_window_left_counts_keys_before_the_query():
 def test_unavailable_reason_names_what_is_missing():
     found = lambda name: object()                          # noqa: E731
     assert "not a CUDA device" in fa4.unavailable_reason("cpu", 128)
-    assert "head_dim 100" in fa4.unavailable_reason("cuda", 100, capability=(9, 0), find_spec=found)
+    assert "head_dim 100 is not supported" in fa4.unavailable_reason("cuda", 100, capability=(9, 0), find_spec=found)
     assert "head_dim 512" in fa4.unavailable_reason("cuda", 512, capability=(9, 0), find_spec=found)
+    assert fa4.unavailable_reason("cuda", 192, capability=(9, 0), find_spec=found) is None
+    assert "on compute capability 10.0" in fa4.unavailable_reason("cuda", 192, capability=(10, 0), find_spec=found)
+    assert fa4.unavailable_reason("cuda", 256, capability=(10, 0), find_spec=found) is None
     assert "8.0 is below 9.0" in fa4.unavailable_reason("cuda", 128, capability=(8, 0), find_spec=found)
     missing = fa4.unavailable_reason("cuda", 128, capability=(9, 0), find_spec=lambda name: None)
     assert "flash-attn-4 is not installed" in missing and "pip install" in missing

@@ -30,11 +30,13 @@ def unavailable_reason(device, head_dim: int, capability=None, find_spec=importl
     device = torch.device(device)
     if device.type != "cuda":
         return f"{device.type} is not a CUDA device"
-    if head_dim % 8 or not 8 <= head_dim <= 256:
-        return f"head_dim {head_dim} is not a multiple of 8 in [8, 256]"
     major, minor = capability or torch.cuda.get_device_capability(device)
     if major < MIN_CAPABILITY:
         return f"compute capability {major}.{minor} is below {MIN_CAPABILITY}.0"
+    # flash-attn-4's head sizes: Hopper 8-256; Blackwell 8-128 or 256; multiples of 8 (bf16)
+    supported = 8 <= head_dim <= 256 if major == 9 else (8 <= head_dim <= 128 or head_dim == 256)
+    if head_dim % 8 or not supported:
+        return f"head_dim {head_dim} is not supported by FA4 on compute capability {major}.{minor}"
     try:
         if find_spec("flash_attn") is None or find_spec("flash_attn.cute") is None:
             return f"{PACKAGE} is not installed (pip install \"{PACKAGE}[cu13]\", or without [cu13] for CUDA 12)"
