@@ -493,6 +493,19 @@ def test_graphed_step_records_once_and_replays_the_same_training(t):
         graphed.step(x, y)
 
 
+def test_loss_value_of_a_gpu_handle_waits_for_its_own_event_only(t):
+    """A GPU step hands back (pinned host copy, event); reading waits on that event, not the stream."""
+    b = make_backend(t)
+
+    class Event:
+        waited = 0
+
+        def synchronize(self):
+            self.waited += 1
+    done = Event()
+    assert b.loss_value((torch.tensor(2.5), done)) == 2.5 and done.waited == 1
+    assert b.loss_value(torch.tensor(1.5)) == 1.5          # the CPU handle: the loss tensor itself
+
 def test_bench_train_json_is_one_json_object_naming_the_kernels(monkeypatch):
     from click.testing import CliRunner
 

@@ -66,3 +66,27 @@ def test_gpu_graphed_steps_match_launched_steps(monkeypatch):
         b.set_hyper(1.0, 0.9, 0.1)
         runs[flag] = [b.loss_value(b.step(x, np.roll(x, -1, -1))) for x in data]
     np.testing.assert_allclose(runs["1"], runs["0"], rtol=1e-4)
+
+
+def test_gpu_queued_steps_read_their_own_losses(monkeypatch):
+    """The harness queues step k+1 before reading step k's loss; the value read is still step k's."""
+    monkeypatch.setenv("MLX_AR_ATTENTION", "torch")
+    rng = np.random.default_rng(1)
+    data = [rng.integers(0, V, (2, 4, SEQ)).astype(np.uint16) for _ in range(4)]
+    runs = {}
+    for queued in (False, True):
+        torch._dynamo.reset()
+        b = CudaBackend(TRAIN_GLOBALS)
+        b.configure_memory()
+        b.build(recipe_of(TINY), V, SEQ, seed=0)
+        b.set_hyper(1.0, 0.9, 0.1)
+        if not queued:
+            runs[queued] = [b.loss_value(b.step(x, np.roll(x, -1, -1))) for x in data]
+            continue
+        handles = [b.step(data[0], np.roll(data[0], -1, -1))]
+        losses = []
+        for x in data[1:]:
+            handles.append(b.step(x, np.roll(x, -1, -1)))      # queued before the previous read
+            losses.append(b.loss_value(handles[-2]))
+        runs[queued] = losses + [b.loss_value(handles[-1])]
+    np.testing.assert_allclose(runs[True][:3], runs[False][:3], rtol=1e-4)

@@ -317,15 +317,35 @@ class CudaBackend:
         return loss_out
 
     def step(self, inputs: np.ndarray, targets: np.ndarray):
-        """One optimizer step over the micro-batches; returns the mean loss as a device tensor."""
+        """One optimizer step over the micro-batches; returns a handle on its mean loss (for loss_value)."""
         xs, ys = self._to_device(inputs), self._to_device(targets)
         self._steps += 1
         if self.graphed is not None and self._steps > 1:   # the first step compiles, eagerly launched
-            return self.graphed(xs, ys)
+            return self._handle(self.graphed(xs, ys))
         # A fresh tensor per micro-batch (not a view at an offset) keeps compiled-graph guards stable.
-        return self._run_step([x.long() for x in xs], [y.long() for y in ys])
+        return self._handle(self._run_step([x.long() for x in xs], [y.long() for y in ys]))
+
+    def _handle(self, loss):
+        """On a GPU: the loss copied to pinned host memory behind the step, and an event after the copy.
+
+        Reading a loss through `.item()` would wait for everything queued on the stream, the
+        step the harness queues behind this one included; the event lets loss_value wait for this
+        step alone, so each step's time is its own. On the CPU the loss tensor itself.
+        """
+        if not self.on_gpu:
+            return loss
+        torch = self.torch
+        host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+        host.copy_(loss, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
     def loss_value(self, handle) -> float:
+        if isinstance(handle, tuple):
+            host, done = handle
+            done.synchronize()
+            return host.item()
         return handle.item()
 
     def eval_loss(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -63,9 +63,8 @@ def micro_batches(batches, n_micro, rows):
 class _Progress:
     """Prints the live progress line: in place on a terminal, every few seconds in a log.
 
-    Step time, tok/s and MFU are averaged over the last RATE_WINDOW_S of counted steps: with a
-    step queued behind the running one, one step's own time can include its successor's (a
-    device sync waits for both) and the last step's can be near zero.
+    Step time, tok/s and MFU are averaged over the last RATE_WINDOW_S of counted steps, so the
+    line reads steadily where single step times jitter (host work, a queued step's start).
     """
 
     def __init__(self, backend, tokens_per_step, peak, stream=sys.stdout):
