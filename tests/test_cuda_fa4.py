@@ -189,8 +189,8 @@ def test_fast_attention_false_in_train_torch_declines_the_kernel(cpu_kernels):
     tt.FAST_ATTENTION = False
     model = tt.build_model(recipe, 97, T, attention=fa4.attention)
     assert model.masks.kernel is None
-    backend = SimpleNamespace(on_gpu=True, _attention_why="")
-    label = CudaBackend._attention_label(backend, model, offered=True)
+    backend = SimpleNamespace(on_gpu=True)
+    label = CudaBackend._attention_label(backend, model, None)          # offered, declined
     assert label == "torch sdpa+flex (fa4 not used: FAST_ATTENTION = False in train_torch.py)"
-    backend._attention_why = "flash-attn-4 is not installed"
-    assert CudaBackend._attention_label(backend, model, offered=False).endswith("(fa4 not used: flash-attn-4 is not installed)")
+    label = CudaBackend._attention_label(backend, model, "flash-attn-4 is not installed")
+    assert label.endswith("(fa4 not used: flash-attn-4 is not installed)")

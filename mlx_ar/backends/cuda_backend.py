@@ -217,7 +217,6 @@ class CudaBackend:
         self.num_params = 0
         self.flops_per_token = 0.0
         self.attention = None          # the attention kernels build() chose, for the record
-        self._attention_why = ""       # why FA4 was not chosen, when it was not
         self.graphed = None            # GraphedStep once build() decides to record the step
 
     # --- device ---------------------------------------------------------------------------
@@ -242,9 +241,9 @@ class CudaBackend:
         torch.manual_seed(seed)
         tt = load_torch_file(self.torch_file)
         flex = self.on_gpu and self.compile_mode != "none"
-        kernel = self._attention_kernel(tt.GPTConfig.from_recipe(recipe, vocab_size, seq_len).head_dim)
+        kernel, why = self._attention_kernel(tt.GPTConfig.from_recipe(recipe, vocab_size, seq_len).head_dim)
         model = tt.build_model(recipe, vocab_size, seq_len, device=self.device, flex=flex, attention=kernel)
-        self.attention = self._attention_label(model, offered=kernel is not None)
+        self.attention = self._attention_label(model, why)
         optimizer = tt.build_optimizer(model, recipe)
         self.tt, self.model, self.optimizer = tt, model, optimizer
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -266,26 +265,28 @@ class CudaBackend:
             self.warmup_steps = 2          # step 1 compiles, step 2 records the graph
 
     def _attention_kernel(self, head_dim: int):
-        """FA4's attention function where it is chosen (train_torch.py may still decline it), else None."""
-        kind, self._attention_why = choose_attention(self.device, head_dim)
+        """(FA4's attention function, None) where it is chosen, else (None, why not).
+
+        train_torch.py may still decline the function (FAST_ATTENTION = False).
+        """
+        kind, why = choose_attention(self.device, head_dim)
         if kind == "torch":
-            return None
+            return None, why
         # Compiled FA4 kernels are kept on disk, so later runs skip their ~5 s compile each.
         os.environ.setdefault(FA4_CACHE_ENV, "1")
         from . import fa4
 
-        return fa4.attention
+        return fa4.attention, None
 
-    def _attention_label(self, model, offered: bool) -> str:
-        """What the built model runs attention with, for the record."""
+    def _attention_label(self, model, why: str | None) -> str:
+        """What the built model runs attention with, for the record; why: why FA4 was not offered."""
         if model.masks.kernel is not None:
             from . import fa4
 
             return f"fa4 {fa4.version()}"
         if not self.on_gpu:
             return "torch sdpa"
-        why = "FAST_ATTENTION = False in train_torch.py" if offered else self._attention_why
-        return f"torch sdpa+flex (fa4 not used: {why})"
+        return f"torch sdpa+flex (fa4 not used: {why or 'FAST_ATTENTION = False in train_torch.py'})"
 
     def load_weights(self, arrays: dict) -> None:
         """Replace the built model's weights (numpy arrays by parameter name)."""
