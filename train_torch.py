@@ -18,7 +18,8 @@ logits and loss, the same parameter names and init rules (tests load MLX weights
 compare losses, gradients and one optimizer step). Full-context layers use SDPA's causal
 kernels; short windows run through flex_attention with block masks when the model is compiled
 on a GPU, and through SDPA with a boolean mask otherwise. Where the backend passes an attention
-kernel (FlashAttention-4 on Hopper and newer, when installed), that kernel runs every layer.
+kernel (FlashAttention-4 on Hopper and newer, when installed), that kernel runs every layer;
+where it passes an MLP kernel (quack's GEMMs with relu² in their epilogue), every MLP runs on it.
 """
 import math
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ NS_DTYPE = torch.bfloat16          # Newton-Schulz runs in bf16, as train.py's; 
 NORM_EPS = 1e-6                    # RMS-norm epsilon (train.py's mx.fast.rms_norm eps)
 FAST_ATTENTION = True              # take the backend's FlashAttention-4 kernel for every layer where it
                                    # runs; set False when changing Masks' attention math, or FA4 bypasses it
+FAST_MLP = True                    # take the backend's fused relu² MLP (quack GEMMs) where it runs;
+                                   # set False when changing MLP's math, or the kernel bypasses it
 
 
 # --- recipe -----------------------------------------------------------------------------------
@@ -179,8 +182,11 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(cfg.d_model, cfg.mlp_hidden, scale=cfg.matrix_init_scale)
         self.c_proj = Linear(cfg.mlp_hidden, cfg.d_model, init="zeros")
+        self.kernel = None             # the backend's fused version of this forward (build_model sets it)
 
     def forward(self, x):
+        if self.kernel is not None:
+            return self.kernel(x, self.c_fc.weight, self.c_proj.weight)
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
@@ -318,18 +324,22 @@ class GPT(nn.Module):
         return self(idx, targets, reduction="none")
 
 
-def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=False, attention=None) -> GPT:
+def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=False, attention=None,
+                mlp=None) -> GPT:
     """A GPT for `recipe`, initialised on `device` from torch's global RNG (seed it first).
 
     flex=True builds flex_attention block masks; the backend asks for them only when it compiles
     the model on a GPU, the one place where flex_attention is fast. attention: an attention
     kernel for every layer instead (see Masks), taken when FAST_ATTENTION is True; the backend
-    passes FlashAttention-4 where it runs.
+    passes FlashAttention-4 where it runs. mlp: a function (x, w_fc, w_proj) computing MLP's
+    forward, taken when FAST_MLP is True; the backend passes quack's fused GEMMs where they run.
     """
     with torch.device(device):     # weights are drawn where they live: no host-side init and copy
         model = GPT(GPTConfig.from_recipe(recipe, vocab_size, seq_len))
     model.masks.to(device)
     model.masks.kernel = attention if FAST_ATTENTION else None
+    for block in model.blocks:
+        block.mlp.kernel = mlp if FAST_MLP else None
     if flex and model.masks.kernel is None:
         model.masks.enable_flex(device)
     return model

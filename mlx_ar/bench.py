@@ -66,6 +66,7 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
     from .backends import get_backend
     from .harness.hardware import mfu_percent
     from .harness.main import batch_geometry, micro_batches
+    from .harness.summary import kernel_line
     from .recipe import apply_recipe, parse_recipe
     from pathlib import Path
 
@@ -122,8 +123,9 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
              f"{figures['tok_per_sec']:,} tok/s | mfu {mfu}")
         echo(f"optimizer {figures['optimizer_ms']} ms = {figures['optimizer_share_percent']}% of a step | "
              f"peak memory {figures['peak_memory_mb']:,} MB")
-        if "attention" in figures["versions"]:
-            echo(f"attention kernels: {figures['versions']['attention']}")
+        kernels = kernel_line(figures["versions"])
+        if kernels:
+            echo(kernels)
     return figures
 
 

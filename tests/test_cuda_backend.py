@@ -334,6 +334,7 @@ def test_backend_protocol_on_cpu(t):
     assert b.executed_files() == [TRAIN_PY.resolve(), TORCH_PY.resolve()]
     assert b.versions()["torch"] == torch.__version__
     assert b.versions()["attention"] == "torch sdpa"           # FA4 is for Hopper GPUs only
+    assert b.versions()["mlp"] == "torch"                      # so are quack's GEMMs
     assert b.num_params == sum(p.numel() for p in b.model.parameters())
     assert b.flops_per_token == load_train(TINY).flops_per_token(load_train(TINY).GPTConfig.from_recipe(V, T))
     x, y = batch(2, 3)
@@ -450,7 +451,8 @@ def test_train_py_backend_cuda_smoke_run(tmp_path, data_cache, tiny_dataset):
     assert rec["executed_files"] == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
                                      for name in ("train.py", "train_torch.py")}
     assert rec["versions"]["torch"] == torch.__version__
-    assert rec["versions"]["attention"] == "torch sdpa" and "attention kernels: torch sdpa" in proc.stdout
+    assert rec["versions"]["attention"] == "torch sdpa" and rec["versions"]["mlp"] == "torch"
+    assert "kernels: attention torch sdpa | mlp torch\n" in proc.stdout
 
 
 
@@ -506,6 +508,38 @@ def test_loss_value_of_a_gpu_handle_waits_for_its_own_event_only(t):
     assert b.loss_value((torch.tensor(2.5), done)) == 2.5 and done.waited == 1
     assert b.loss_value(torch.tensor(1.5)) == 1.5          # the CPU handle: the loss tensor itself
 
+
+def test_pinned_staging_reuses_its_buffers_once_their_copies_are_done():
+    """The ring of host buffers behind the GPU batch copies, run on the CPU with fake events."""
+    from mlx_ar.backends.cuda_backend import PinnedStaging
+
+    events = []
+
+    class Event:
+        def __init__(self):
+            self.recorded = self.waited = 0
+            events.append(self)
+
+        def record(self):
+            self.recorded += 1
+
+        def synchronize(self):
+            self.waited += 1
+
+    staging = PinnedStaging(torch, torch.device("cpu"), slots=2, new_event=Event, pin=False)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 65535, (2, 3, 5)).astype(np.uint16) for _ in range(3)]
+    for a in batches:
+        out = staging.to_device(a)          # on the CPU `.to` returns the buffer itself: check it now
+        assert out.dtype == torch.int32 and np.array_equal(out.numpy(), a.astype(np.int32))
+    assert [e.recorded for e in events] == [1, 1, 1]
+    assert [e.waited for e in events] == [1, 0, 0]          # slot 0 refilled after its first copy ended
+    first = staging.buffers[1]
+    staging.to_device(batches[0])                          # same shape: the buffer is reused
+    assert staging.buffers[1] is first and events[1].waited == 1
+    staging.to_device(np.zeros((1, 4), np.int64))          # another shape gets its own buffer
+    assert staging.buffers[0].shape == (1, 4)
+
 def test_bench_train_json_is_one_json_object_naming_the_kernels(monkeypatch):
     from click.testing import CliRunner
 
@@ -518,7 +552,7 @@ def test_bench_train_json_is_one_json_object_naming_the_kernels(monkeypatch):
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout)       # nothing else on stdout: scripts parse it
     assert figures["backend"] == "cuda" and figures["tok_per_sec"] > 0
-    assert figures["versions"]["attention"] == "torch sdpa"
+    assert figures["versions"]["attention"] == "torch sdpa" and figures["versions"]["mlp"] == "torch"
 
 # --- what an agent may edit -------------------------------------------------------------------
 SRC = TRAIN_PY.read_text()

@@ -29,6 +29,10 @@ def test_gpu_compiled_step_matches_eager_and_learns():
     b.build(recipe_of(TINY), V, SEQ, seed=0)
     assert b.model.masks.block_masks is not None or b.model.masks.kernel is not None   # flex or FA4 armed
     assert b.peak_flops() == hardware.nvidia_peak_flops(b.device_name())
+    from mlx_ar.backends import quack_mlp
+
+    fused = quack_mlp.unavailable_reason(b.device, (b.model.cfg.d_model, b.model.cfg.mlp_hidden)) is None
+    assert b.versions()["mlp"].startswith("quack" if fused else "torch")   # the fused MLP runs where it can
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (2, 4, SEQ)).astype(np.uint16)
     y = np.roll(x, -1, axis=-1)                                         # learnable: predict the next token

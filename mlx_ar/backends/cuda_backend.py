@@ -29,12 +29,19 @@ Choices, and why:
   (required: a clear error where it cannot run), `torch` (SDPA + flex_attention), and
   train_torch.py may decline the kernel (FAST_ATTENTION = False). The run records which
   kernels it used (versions -> attention).
+- MLP: quack's GEMMs with relu² in their epilogue (the optional `quack-kernels` package, which
+  comes with flash-attn-4; see quack_mlp.py) where they run; otherwise torch's matmuls with the
+  activation fused by torch.compile. `MLX_AR_MLP` overrides it (`auto`, `quack`, `torch`), and
+  train_torch.py may decline it (FAST_MLP = False). `MLX_AR_QUACK_TUNE=1` lets quack's autotuner
+  pick its tiles (2% faster at the karpathy config, ~60 s more on a machine's first run of a
+  shape). Recorded as versions -> mlp.
 - Evaluation runs eagerly (SDPA, or FA4's forward where chosen), so it compiles nothing new.
 
     backend = CudaBackend(train_globals)
     backend.build(recipe, vocab_size, seq_len, seed)
     loss = backend.loss_value(backend.step(inputs, targets))
 """
+import functools
 import importlib.util
 import itertools
 import os
@@ -50,8 +57,10 @@ TORCH_FILE = "train_torch.py"      # the torch model file, next to train.py
 COMPILE_ENV = "MLX_AR_TORCH_COMPILE"
 COMPILE_MODES = ("model", "blocks", "none")
 ATTENTION_ENV = "MLX_AR_ATTENTION"
-ATTENTION_CHOICES = ("auto", "fa4", "torch")
 FA4_CACHE_ENV = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+MLP_ENV = "MLX_AR_MLP"
+QUACK_TUNE_ENV = "MLX_AR_QUACK_TUNE"
+QUACK_TUNING_CACHE_ENV = "QUACK_CACHE_AUTOTUNING"
 GRAPH_ENV = "MLX_AR_CUDA_GRAPH"
 
 _module_ids = itertools.count()
@@ -126,24 +135,92 @@ class GraphedStep:
         return self.loss.clone()
 
 
+def quack_tuning_wanted(env=os.environ) -> bool:
+    """Let quack's autotuner pick the fused MLP's tiles? Only with MLX_AR_QUACK_TUNE=1 (see quack_mlp.mlp)."""
+    flag = env.get(QUACK_TUNE_ENV, "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"{QUACK_TUNE_ENV}={flag!r}: use 1 (autotune the fused MLP's GEMMs) or 0 (default tiles)")
+    return flag == "1"
+
+
+class PinnedStaging:
+    """Token batches to the GPU through a ring of reused pinned host buffers.
+
+    A copy from pinned memory does not block the host, which the harness needs to keep the next
+    step queued. Pinning a fresh buffer per batch (`tensor.pin_memory()`) did block at times: on
+    an H100 some processes spent 3-15 ms a step in it, longer than a default-recipe step on the
+    GPU (12 ms), so the queue ran dry. A slot is refilled only after its last copy has finished
+    (an event recorded behind the copy); with `slots` well above the batches in flight (two per
+    step, two steps) that wait is already over.
+
+        staging = PinnedStaging(torch, device)
+        x = staging.to_device(tokens)          # int32 device tensor of tokens' shape
+    """
+
+    def __init__(self, torch, device, slots: int = 8, new_event=None, pin: bool = True):
+        """new_event: makes the event recorded after a copy (torch.cuda.Event); pin: pin the buffers.
+
+        Tests pass a fake event and pin=False to run the ring on the CPU.
+        """
+        self.torch, self.device, self.pin = torch, device, pin
+        self.new_event = new_event or torch.cuda.Event
+        self.buffers = [None] * slots
+        self.copied = [None] * slots               # event after each slot's last copy
+        self.next = 0
+
+    def to_device(self, a: np.ndarray):
+        torch = self.torch
+        i = self.next
+        self.next = (i + 1) % len(self.buffers)
+        if self.copied[i] is not None:
+            self.copied[i].synchronize()           # the copy that last read this slot is done
+        buf = self.buffers[i]
+        if buf is None or tuple(buf.shape) != a.shape:
+            buf = self.buffers[i] = torch.empty(a.shape, dtype=torch.int32, pin_memory=self.pin)
+        np.copyto(buf.numpy(), a, casting="unsafe")   # token ids (uint16 from the loader) fit int32
+        out = buf.to(self.device, non_blocking=True)
+        self.copied[i] = self.new_event()
+        self.copied[i].record()
+        return out
+
+
+def choose_kernel(env_name: str, fast: str, what: str, reason, env=os.environ) -> tuple[str, str]:
+    """(fast | "torch", why) from the environment switch `env_name` (auto, `fast` or torch).
+
+    reason(): why the fast kernel `what` cannot run here (None: it can); asked only when it matters.
+    """
+    choices = ("auto", fast, "torch")
+    choice = env.get(env_name, "").strip().lower() or "auto"
+    if choice not in choices:
+        raise ValueError(f"{env_name}={choice!r}: choose one of {', '.join(choices)}")
+    if choice == "torch":
+        return "torch", f"{env_name}=torch"
+    why = reason()
+    if why is None:
+        return fast, "available"
+    if choice == fast:
+        raise ValueError(f"{env_name}={fast}, but {what} cannot run here: {why}")
+    return "torch", why
+
+
 def choose_attention(device, head_dim: int, env=os.environ, probe=None) -> tuple[str, str]:
     """("fa4" | "torch", why) for a model with heads of `head_dim` channels on `device`.
 
     `probe(device, head_dim)` says why FA4 cannot run (None: it can); default fa4.unavailable_reason.
     """
-    choice = env.get(ATTENTION_ENV, "").strip().lower() or "auto"
-    if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"{ATTENTION_ENV}={choice!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
-    if choice == "torch":
-        return "torch", f"{ATTENTION_ENV}=torch"
     if probe is None:
         from .fa4 import unavailable_reason as probe
-    reason = probe(device, head_dim)
-    if reason is None:
-        return "fa4", "available"
-    if choice == "fa4":
-        raise ValueError(f"{ATTENTION_ENV}=fa4, but FlashAttention-4 cannot run here: {reason}")
-    return "torch", reason
+    return choose_kernel(ATTENTION_ENV, "fa4", "FlashAttention-4", lambda: probe(device, head_dim), env)
+
+
+def choose_mlp(device, dims, env=os.environ, probe=None) -> tuple[str, str]:
+    """("quack" | "torch", why) for an MLP of matrices sized `dims` (d_model, hidden) on `device`.
+
+    `probe(device, dims)` says why quack's fused GEMMs cannot run; default quack_mlp.unavailable_reason.
+    """
+    if probe is None:
+        from .quack_mlp import unavailable_reason as probe
+    return choose_kernel(MLP_ENV, "quack", "quack's fused relu² MLP", lambda: probe(device, dims), env)
 
 
 def load_torch_file(path):
@@ -216,7 +293,8 @@ class CudaBackend:
         self.warmup_steps = 1
         self.num_params = 0
         self.flops_per_token = 0.0
-        self.attention = None          # the attention kernels build() chose, for the record
+        self.kernels = {}              # the attention and MLP kernels build() chose, for the record
+        self._staging = PinnedStaging(torch, self.device) if self.on_gpu else None
         self.graphed = None            # GraphedStep once build() decides to record the step
 
     # --- device ---------------------------------------------------------------------------
@@ -241,9 +319,12 @@ class CudaBackend:
         torch.manual_seed(seed)
         tt = load_torch_file(self.torch_file)
         flex = self.on_gpu and self.compile_mode != "none"
-        kernel, why = self._attention_kernel(tt.GPTConfig.from_recipe(recipe, vocab_size, seq_len).head_dim)
-        model = tt.build_model(recipe, vocab_size, seq_len, device=self.device, flex=flex, attention=kernel)
-        self.attention = self._attention_label(model, why)
+        cfg = tt.GPTConfig.from_recipe(recipe, vocab_size, seq_len)
+        attention, why_attention = self._attention_kernel(cfg.head_dim)
+        mlp, why_mlp = self._mlp_kernel((cfg.d_model, cfg.mlp_hidden))
+        model = tt.build_model(recipe, vocab_size, seq_len, device=self.device, flex=flex, attention=attention,
+                               mlp=mlp)
+        self.kernels = self._kernel_labels(model, why_attention, why_mlp)
         optimizer = tt.build_optimizer(model, recipe)
         self.tt, self.model, self.optimizer = tt, model, optimizer
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -278,15 +359,44 @@ class CudaBackend:
 
         return fa4.attention, None
 
-    def _attention_label(self, model, why: str | None) -> str:
-        """What the built model runs attention with, for the record; why: why FA4 was not offered."""
+    def _mlp_kernel(self, dims):
+        """(quack's fused relu² MLP, None) where it is chosen, else (None, why not)."""
+        kind, why = choose_mlp(self.device, dims)
+        if kind == "torch":
+            return None, why
+        tuned = quack_tuning_wanted()
+        # quack caches compiled kernels by default; this keeps its autotuner's choices too.
+        os.environ.setdefault(QUACK_TUNING_CACHE_ENV, "1")
+        from . import quack_mlp
+
+        return functools.partial(quack_mlp.mlp, tuned=tuned), None
+
+    def _kernel_labels(self, model, why_attention: str | None, why_mlp: str | None) -> dict:
+        """What the built model runs attention and the MLP with, for the record.
+
+        why_*: why the fast kernel was not offered (None: it was, and train_torch.py declined it).
+        """
+        labels = {}
         if model.masks.kernel is not None:
             from . import fa4
 
-            return f"fa4 {fa4.version()}"
-        if not self.on_gpu:
-            return "torch sdpa"
-        return f"torch sdpa+flex (fa4 not used: {why or 'FAST_ATTENTION = False in train_torch.py'})"
+            labels["attention"] = f"fa4 {fa4.version()}"
+        elif not self.on_gpu:
+            labels["attention"] = "torch sdpa"
+        else:
+            why = why_attention or "FAST_ATTENTION = False in train_torch.py"
+            labels["attention"] = f"torch sdpa+flex (fa4 not used: {why})"
+        kernel = model.blocks[0].mlp.kernel
+        if kernel is not None:
+            from . import quack_mlp
+
+            tiles = "autotuned" if getattr(kernel, "keywords", {}).get("tuned") else "default tiles"
+            labels["mlp"] = f"quack {quack_mlp.version()} (relu² in the GEMM epilogues, {tiles})"
+        elif not self.on_gpu:
+            labels["mlp"] = "torch"
+        else:
+            labels["mlp"] = f"torch (quack not used: {why_mlp or 'FAST_MLP = False in train_torch.py'})"
+        return labels
 
     def load_weights(self, arrays: dict) -> None:
         """Replace the built model's weights (numpy arrays by parameter name)."""
@@ -296,11 +406,10 @@ class CudaBackend:
         self.optimizer.set_hyper(lr_mult, muon_momentum, weight_decay)
 
     def _to_device(self, a: np.ndarray):
-        """(n, B, T) tokens -> one int32 (n, B, T) device tensor; the copy does not block."""
-        host = self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+        """(n, B, T) tokens -> one int32 (n, B, T) device tensor; on a GPU the copy does not block."""
         if self.on_gpu:
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+            return self._staging.to_device(a)
+        return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
 
     def _run_step(self, xs, ys, loss_out=None):
         """Forward and backward over the micro-batches, then the update; the mean loss (in loss_out if given)."""
@@ -379,8 +488,7 @@ class CudaBackend:
         out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
         if self.on_gpu:
             out["cuda"] = torch.version.cuda
-        if self.attention:
-            out["attention"] = self.attention
+        out.update(self.kernels)
         return out
 
     # --- benchmark hooks ------------------------------------------------------------------

@@ -163,7 +163,7 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     from .loop import train_loop
     from .memory import GcControl
     from .schedules import Schedule
-    from .summary import FastFail, budget_label, file_hashes
+    from .summary import FastFail, budget_label, file_hashes, kernel_line
 
     ds = open_dataset(args.data)
     profile = ds.profile
@@ -190,8 +190,9 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     tokens_per_step = rows * seq_len
     backend.build(recipe, ds.vocab_size, seq_len, seed)
     fields["versions"] = backend.versions()      # again: build adds the kernels it chose
-    if "attention" in fields["versions"]:
-        print(f"attention kernels: {fields['versions']['attention']}", flush=True)
+    kernels = kernel_line(fields["versions"])
+    if kernels:
+        print(kernels, flush=True)
     fields["executed_files"] = file_hashes(backend.executed_files(), root=train_file.parent)
     peak = backend.peak_flops()
     budget_text = budget_label(budget, args.smoke is not None)

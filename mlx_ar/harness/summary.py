@@ -18,6 +18,15 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+KERNEL_KEYS = ("attention", "mlp")  # versions entries naming the kernels a backend chose
+
+
+def kernel_line(versions: dict) -> str:
+    """'kernels: attention fa4 4.0.0b36 | mlp torch', or "" when the backend names no kernels."""
+    parts = [f"{key} {versions[key]}" for key in KERNEL_KEYS if key in versions]
+    return "kernels: " + " | ".join(parts) if parts else ""
+
+
 # --- summary block ---------------------------------------------------------------------------
 SUMMARY_KEYS = (
     "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",

@@ -1,0 +1,224 @@
+"""The fused relu² MLP glue (mlx_ar/backends/quack_mlp.py) and the cuda backend's choice of MLP kernel.
+
+quack's GEMMs need a Hopper or Blackwell GPU, so on the CPU the two custom ops get reference
+kernels (the same math in float32, registered for the CPU device in a fixture): what is tested
+there is the glue — the autograd wiring, the fake (shape) functions under torch.compile,
+leading batch axes, and the model running every MLP through the ops. The gpu-marked test
+compares the real kernels with a float32 reference where they run.
+"""
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from _train_utils import ROOT, TINY
+from mlx_ar.backends import quack_mlp
+from mlx_ar.backends.cuda_backend import (MLP_ENV, QUACK_TUNE_ENV, CudaBackend, choose_mlp, load_torch_file,
+                                          quack_tuning_wanted)
+from mlx_ar.recipe import apply_recipe, parse_recipe
+
+T = 32
+
+
+SEEN_TUNED = []                    # the `tuned` flags the reference kernels were called with
+
+
+def reference_fwd(x, w_fc, w_proj, tuned):
+    """(out, pre-activation) in x's dtype, computed in float32."""
+    SEEN_TUNED.append(tuned)
+    pre = x.float() @ w_fc.float().T
+    return (torch.relu(pre).square() @ w_proj.float().T).to(x.dtype), pre.to(x.dtype)
+
+
+def reference_bwd(dout, x, w_fc, w_proj, pre, tuned):
+    """(dx, dw_fc, dw_proj) by the chain rule, in float32: what the fused backward GEMM computes."""
+    SEEN_TUNED.append(tuned)
+    dtype = x.dtype
+    dout, x, w_fc, w_proj, pre = (t.float() for t in (dout, x, w_fc, w_proj, pre))
+    dpre = (dout @ w_proj) * 2 * torch.relu(pre)
+    act = torch.relu(pre).square()
+    return tuple(g.to(dtype) for g in (dpre @ w_fc, dpre.T @ x, dout.T @ act))
+
+
+@pytest.fixture(scope="module")
+def cpu_kernels():
+    """Reference kernels for the two ops on the CPU (the real ones are quack's, CUDA only)."""
+    torch.library.register_kernel("mlx_ar::relu2_mlp_fwd", "cpu", reference_fwd)
+    torch.library.register_kernel("mlx_ar::relu2_mlp_bwd", "cpu", reference_bwd)
+
+
+def plain_mlp(x, w_fc, w_proj):
+    """train_torch.py's MLP forward without a kernel."""
+    return torch.relu(x @ w_fc.T).square() @ w_proj.T
+
+
+def _operands(seed=0, lead=(2, 5), d=16, h=64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, d, generator=g)
+    w_fc, w_proj = torch.randn(h, d, generator=g) / d ** 0.5, torch.randn(d, h, generator=g) / h ** 0.5
+    dy = torch.randn(*lead, d, generator=g)
+    return x, w_fc, w_proj, dy
+
+
+# --- choosing the kernel ------------------------------------------------------------------------
+def test_unavailable_reason_names_what_is_missing():
+    found = lambda name: object()                          # noqa: E731
+    assert "not a CUDA device" in quack_mlp.unavailable_reason("cpu", (512, 2048))
+    assert "compute capability 8.0" in quack_mlp.unavailable_reason("cuda", (512, 2048), capability=(8, 0),
+                                                                    find_spec=found)
+    assert "compute capability 12.0" in quack_mlp.unavailable_reason("cuda", (512, 2048), capability=(12, 0),
+                                                                     find_spec=found)
+    assert "sizes [100] are not multiples of 8" in quack_mlp.unavailable_reason(
+        "cuda", (512, 100), capability=(9, 0), find_spec=found)
+    missing = quack_mlp.unavailable_reason("cuda", (512, 2048), capability=(9, 0), find_spec=lambda name: None)
+    assert "quack-kernels is not installed" in missing and "fa4 extra" in missing
+    assert quack_mlp.unavailable_reason("cuda", (512, 2048), capability=(9, 0), find_spec=found) is None
+    assert quack_mlp.unavailable_reason("cuda", (768, 3072), capability=(10, 0), find_spec=found) is None
+
+
+def test_choose_mlp_follows_the_probe_and_the_environment():
+    can = lambda device, dims: None                        # noqa: E731
+    cannot = lambda device, dims: "quack-kernels is not installed"  # noqa: E731
+    dims = (512, 2048)
+    assert choose_mlp("cuda", dims, env={}, probe=can) == ("quack", "available")
+    assert choose_mlp("cuda", dims, env={}, probe=cannot) == ("torch", "quack-kernels is not installed")
+    assert choose_mlp("cuda", dims, env={MLP_ENV: " Auto"}, probe=can)[0] == "quack"
+    assert choose_mlp("cuda", dims, env={MLP_ENV: "torch"}, probe=can) == ("torch", f"{MLP_ENV}=torch")
+    assert choose_mlp("cuda", dims, env={MLP_ENV: "quack"}, probe=can)[0] == "quack"
+    with pytest.raises(ValueError, match="cannot run here: quack-kernels is not installed"):
+        choose_mlp("cuda", dims, env={MLP_ENV: "quack"}, probe=cannot)
+    with pytest.raises(ValueError, match="choose one of auto, quack, torch"):
+        choose_mlp("cuda", dims, env={MLP_ENV: "fused"}, probe=can)
+
+
+def test_quack_tuning_is_opt_in():
+    assert quack_tuning_wanted(env={}) is False
+    assert quack_tuning_wanted(env={QUACK_TUNE_ENV: "0"}) is False
+    assert quack_tuning_wanted(env={QUACK_TUNE_ENV: " 1 "}) is True
+    with pytest.raises(ValueError, match="use 1 .* or 0"):
+        quack_tuning_wanted(env={QUACK_TUNE_ENV: "yes"})
+
+
+def test_choose_mlp_on_the_cpu_keeps_torch_kernels():
+    assert choose_mlp(torch.device("cpu"), (512, 2048), env={})[0] == "torch"
+
+
+# --- the ops' glue, with reference kernels on the CPU ---------------------------------------------
+def test_ops_match_the_plain_mlp_forward_and_gradients(cpu_kernels):
+    x, w_fc, w_proj, dy = _operands()
+    leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
+    y = quack_mlp.mlp(*leaves)
+    assert y.shape == x.shape
+    y.backward(dy)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
+    ref = plain_mlp(*ref_leaves)
+    ref.backward(dy)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_the_tuning_flag_reaches_both_ops(cpu_kernels, tuned):
+    x, w_fc, w_proj, dy = _operands(2)
+    SEEN_TUNED.clear()
+    quack_mlp.mlp(x.requires_grad_(), w_fc, w_proj, tuned=tuned).backward(dy)
+    assert SEEN_TUNED == [tuned, tuned]                    # forward, then backward
+
+
+def test_ops_compile_whole_and_match_eager(cpu_kernels):
+    x, w_fc, w_proj, _ = _operands(1)
+    x.requires_grad_(), w_fc.requires_grad_(), w_proj.requires_grad_()
+    fn = torch.compile(lambda a, b, c: quack_mlp.mlp(a, b, c).square().sum(),
+                       fullgraph=True, dynamic=False, backend="aot_eager")
+    torch._dynamo.reset()
+    loss = fn(x, w_fc, w_proj)
+    grads = torch.autograd.grad(loss, (x, w_fc, w_proj))
+    eager = quack_mlp.mlp(x, w_fc, w_proj).square().sum()
+    torch.testing.assert_close(loss, eager, atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, torch.autograd.grad(eager, (x, w_fc, w_proj))):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def _recipe():
+    return parse_recipe(apply_recipe((ROOT / "train.py").read_text(), TINY))
+
+
+def test_model_with_the_fused_mlp_matches_its_own_mlp(cpu_kernels):
+    tt = load_torch_file(ROOT / "train_torch.py")
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return quack_mlp.mlp(*args)
+
+    models = []
+    for mlp in (None, counted):
+        torch.manual_seed(0)
+        models.append(tt.build_model(_recipe(), 97, T, mlp=mlp))
+    assert all(b.mlp.kernel is counted for b in models[1].blocks)
+    # The output projections start at zero: give them weights, or the MLPs' inputs get no gradient.
+    for m in models:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for b in m.blocks:
+                b.mlp.c_proj.weight.normal_(0, 0.05)
+    rng = np.random.default_rng(0)
+    x, y = (torch.from_numpy(rng.integers(0, 97, (2, T))) for _ in range(2))
+    losses = []
+    for m in models:
+        loss = m(x, y)
+        loss.backward()
+        losses.append(loss.item())
+    assert len(calls) == TINY["DEPTH"]                     # every layer's MLP ran through the ops
+    assert losses[0] == pytest.approx(losses[1], abs=2e-3)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert a.grad is not None, name
+        torch.testing.assert_close(b.grad.float(), a.grad.float(), atol=2e-2, rtol=5e-2, msg=name)
+
+
+def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):
+    """An agent changing MLP's math sets FAST_MLP = False, so the fused kernel cannot bypass it."""
+    from types import SimpleNamespace
+
+    tt = load_torch_file(ROOT / "train_torch.py")
+    assert tt.FAST_MLP is True
+    tt.FAST_MLP = False
+    model = tt.build_model(_recipe(), 97, T, mlp=quack_mlp.mlp)
+    assert all(b.mlp.kernel is None for b in model.blocks)
+    backend = SimpleNamespace(on_gpu=True)
+    labels = CudaBackend._kernel_labels(backend, model, "x", None)            # offered, declined
+    assert labels["mlp"] == "torch (quack not used: FAST_MLP = False in train_torch.py)"
+    labels = CudaBackend._kernel_labels(backend, model, "x", "quack-kernels is not installed")
+    assert labels["mlp"] == "torch (quack not used: quack-kernels is not installed)"
+    tt.FAST_MLP = True
+    model = tt.build_model(_recipe(), 97, T, mlp=quack_mlp.mlp)
+    label = CudaBackend._kernel_labels(backend, model, "x", None)["mlp"]
+    assert label.startswith("quack ") and label.endswith("default tiles)")
+    model = tt.build_model(_recipe(), 97, T, mlp=functools.partial(quack_mlp.mlp, tuned=True))
+    assert CudaBackend._kernel_labels(backend, model, "x", None)["mlp"].endswith("autotuned)")
+
+
+# --- the real kernels ---------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or quack_mlp.unavailable_reason("cuda", (512, 2048)) is not None,
+                    reason="needs a Hopper or Blackwell GPU with quack-kernels installed")
+def test_quack_kernels_match_a_float32_reference_on_the_gpu():
+    torch.manual_seed(0)
+    M, d, h = 4096, 512, 2048
+    x, dy = (torch.randn(M, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w_fc = (torch.randn(h, d, device="cuda") / d ** 0.5).to(torch.bfloat16)
+    w_proj = (torch.randn(d, h, device="cuda") / h ** 0.5).to(torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
+    y = quack_mlp.mlp(leaves[0].view(2, M // 2, d), *leaves[1:])
+    y.backward(dy.view(2, M // 2, d))
+    ref_leaves = [t.float().requires_grad_() for t in (x, w_fc, w_proj)]
+    ref = plain_mlp(*ref_leaves)
+    ref.backward(dy.float())
+    assert y.dtype == torch.bfloat16 and y.shape == (2, M // 2, d)
+    scale = lambda t: t.abs().max().item()                 # noqa: E731
+    torch.testing.assert_close(y.view(M, d).float(), ref, atol=2e-2 * scale(ref), rtol=2e-2)
+    for a, b in zip(leaves, ref_leaves):
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=2e-2 * scale(b.grad), rtol=2e-2)
