@@ -13,3 +13,22 @@ TINY = {"DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 32, "VE_GATE_CHANNELS": 8}
 def load_train(overrides=None):
     """A fresh module of train.py with recipe `overrides` applied."""
     return _load(TRAIN_PY, overrides)
+
+
+def assert_same_loss_and_grads(models, vocab_size: int, seq_len: int):
+    """Two torch GPTs give the same loss and gradients on one random batch (bf16 tolerances)."""
+    import numpy as np
+    import pytest
+    import torch
+
+    rng = np.random.default_rng(0)
+    x, y = (torch.from_numpy(rng.integers(0, vocab_size, (2, seq_len))) for _ in range(2))
+    losses = []
+    for m in models:
+        loss = m(x, y)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=2e-3)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert a.grad is not None, name
+        torch.testing.assert_close(b.grad.float(), a.grad.float(), atol=2e-2, rtol=5e-2, msg=name)

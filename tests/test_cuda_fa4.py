@@ -6,11 +6,10 @@ the glue around FA4 — window conversion, layout, the autograd wiring of the tw
 (shape) functions under torch.compile, and the model running every layer through them. The
 gpu-marked test compares the real kernels with SDPA where FA4 runs.
 """
-import numpy as np
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads
 from mlx_ar.backends import fa4
 from mlx_ar.backends.cuda_backend import ATTENTION_ENV, choose_attention, load_torch_file
 from mlx_ar.recipe import parse_recipe
@@ -143,17 +142,7 @@ def test_model_with_the_fa4_kernel_matches_its_own_kernels(cpu_kernels):
         torch.manual_seed(0)
         models.append(tt.build_model(recipe, 97, T, attention=attention))
     assert models[1].masks.kernel is fa4.attention and models[1].masks.block_masks is None
-    rng = np.random.default_rng(0)
-    x, y = (torch.from_numpy(rng.integers(0, 97, (2, T))) for _ in range(2))
-    losses = []
-    for m in models:
-        loss = m(x, y)
-        loss.backward()
-        losses.append(loss.item())
-    assert losses[0] == pytest.approx(losses[1], abs=2e-3)
-    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
-        assert a.grad is not None, name
-        torch.testing.assert_close(b.grad.float(), a.grad.float(), atol=2e-2, rtol=5e-2, msg=name)
+    assert_same_loss_and_grads(models, 97, T)
 
 
 # --- the real kernels ---------------------------------------------------------------------------

@@ -8,11 +8,10 @@ compares the real kernels with a float32 reference where they run.
 """
 import functools
 
-import numpy as np
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads
 from mlx_ar.backends import quack_mlp
 from mlx_ar.backends.cuda_backend import (MLP_ENV, QUACK_TUNE_ENV, CudaBackend, choose_mlp, load_torch_file,
                                           quack_tuning_wanted)
@@ -75,6 +74,13 @@ def test_unavailable_reason_names_what_is_missing():
     assert "quack-kernels is not installed" in missing and "fa4 extra" in missing
     assert quack_mlp.unavailable_reason("cuda", (512, 2048), capability=(9, 0), find_spec=found) is None
     assert quack_mlp.unavailable_reason("cuda", (768, 3072), capability=(10, 0), find_spec=found) is None
+
+
+def test_a_package_lookup_that_fails_is_named():
+    def broken(name):
+        raise ImportError("a parent package fails to import")
+    why = quack_mlp.unavailable_reason("cuda", (512, 2048), capability=(9, 0), find_spec=broken)
+    assert why == "quack-kernels cannot be found: a parent package fails to import"
 
 
 def test_choose_mlp_follows_the_probe_and_the_environment():
@@ -164,18 +170,8 @@ def test_model_with_the_fused_mlp_matches_its_own_mlp(cpu_kernels):
         with torch.no_grad():
             for b in m.blocks:
                 b.mlp.c_proj.weight.normal_(0, 0.05)
-    rng = np.random.default_rng(0)
-    x, y = (torch.from_numpy(rng.integers(0, 97, (2, T))) for _ in range(2))
-    losses = []
-    for m in models:
-        loss = m(x, y)
-        loss.backward()
-        losses.append(loss.item())
+    assert_same_loss_and_grads(models, 97, T)
     assert len(calls) == TINY["DEPTH"]                     # every layer's MLP ran through the ops
-    assert losses[0] == pytest.approx(losses[1], abs=2e-3)
-    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
-        assert a.grad is not None, name
-        torch.testing.assert_close(b.grad.float(), a.grad.float(), atol=2e-2, rtol=5e-2, msg=name)
 
 
 def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):

@@ -13,10 +13,11 @@ The kernels are wrapped as torch custom ops (`mlx_ar::fa4_fwd`, `mlx_ar::fa4_bwd
 torch.compile keeps them whole inside the compiled model. The backward is flash-attn-4's
 non-deterministic one (dQ is summed with atomics), as FA3's is by default.
 """
-import importlib.metadata
 import importlib.util
 
 import torch
+
+from . import packages
 
 MIN_CAPABILITY = 9                 # the sm90 (Hopper) and sm100 kernels; older GPUs use torch's kernels
 PACKAGE = "flash-attn-4"
@@ -37,19 +38,12 @@ def unavailable_reason(device, head_dim: int, capability=None, find_spec=importl
     supported = 8 <= head_dim <= 256 if major == 9 else (8 <= head_dim <= 128 or head_dim == 256)
     if head_dim % 8 or not supported:
         return f"head_dim {head_dim} is not supported by FA4 on compute capability {major}.{minor}"
-    try:
-        if find_spec("flash_attn") is None or find_spec("flash_attn.cute") is None:
-            return f"{PACKAGE} is not installed (pip install \"{PACKAGE}[cu13]\", or without [cu13] for CUDA 12)"
-    except (ImportError, ValueError) as e:
-        return f"{PACKAGE} cannot be found: {e}"
-    return None
+    return packages.missing_reason(PACKAGE, ("flash_attn", "flash_attn.cute"),
+                                   f'pip install "{PACKAGE}[cu13]", or without [cu13] for CUDA 12', find_spec)
 
 
 def version() -> str:
-    try:
-        return importlib.metadata.version(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    return packages.version(PACKAGE)
 
 
 def window_left(window: int, seq_len: int) -> int:

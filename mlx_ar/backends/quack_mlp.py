@@ -19,10 +19,11 @@ GEMMs (the second forward matmul, the weight gradients, dx) stay with cuBLAS. Ke
 first use and are cached on disk by quack; the autotuner's choices are cached too when
 QUACK_CACHE_AUTOTUNING=1, which the backend sets unless told otherwise.
 """
-import importlib.metadata
 import importlib.util
 
 import torch
+
+from . import packages
 
 CAPABILITIES = (9, 10)             # quack's sm90 and sm100 GEMMs; other GPUs keep torch's kernels
 PACKAGE = "quack-kernels"
@@ -44,19 +45,11 @@ def unavailable_reason(device, dims, capability=None, find_spec=importlib.util.f
     odd = [d for d in dims if d % ALIGN]
     if odd:
         return f"sizes {odd} are not multiples of {ALIGN}"
-    try:
-        if find_spec("quack") is None:
-            return f"{PACKAGE} is not installed (it comes with flash-attn-4: the fa4 extra)"
-    except (ImportError, ValueError) as e:
-        return f"{PACKAGE} cannot be found: {e}"
-    return None
+    return packages.missing_reason(PACKAGE, ("quack",), "it comes with flash-attn-4: the fa4 extra", find_spec)
 
 
 def version() -> str:
-    try:
-        return importlib.metadata.version(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    return packages.version(PACKAGE)
 
 
 # --- custom ops -------------------------------------------------------------------------------
