@@ -106,6 +106,13 @@ def test_quack_tuning_is_opt_in():
         quack_tuning_wanted(env={QUACK_TUNE_ENV: "yes"})
 
 
+def test_a_bad_tuning_switch_fails_the_build_even_where_quack_cannot_run(monkeypatch):
+    monkeypatch.setenv(QUACK_TUNE_ENV, "yes")
+    backend = CudaBackend({"__file__": str(ROOT / "train.py")})
+    with pytest.raises(ValueError, match=f"{QUACK_TUNE_ENV}='yes': use 1"):
+        backend.build(_recipe(), 97, T, seed=0)
+
+
 def test_choose_mlp_on_the_cpu_keeps_torch_kernels():
     assert choose_mlp(torch.device("cpu"), (512, 2048), env={})[0] == "torch"
 

@@ -361,10 +361,10 @@ class CudaBackend:
 
     def _mlp_kernel(self, dims):
         """(quack's fused relu² MLP, None) where it is chosen, else (None, why not)."""
+        tuned = quack_tuning_wanted()      # checked everywhere, so a bad value never passes silently
         kind, why = choose_mlp(self.device, dims)
         if kind == "torch":
             return None, why
-        tuned = quack_tuning_wanted()
         # quack caches compiled kernels by default; this keeps its autotuner's choices too.
         os.environ.setdefault(QUACK_TUNING_CACHE_ENV, "1")
         from . import quack_mlp
