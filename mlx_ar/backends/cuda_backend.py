@@ -66,21 +66,24 @@ GRAPH_ENV = "MLX_AR_CUDA_GRAPH"
 _module_ids = itertools.count()
 
 
+def env_switch(name: str, allowed, hint: str, env=os.environ, lower: bool = False) -> str:
+    """The environment switch `name`, stripped ("" when unset); ValueError "name='value': hint" unless allowed."""
+    value = env.get(name, "").strip()
+    value = value.lower() if lower else value
+    if value and value not in allowed:
+        raise ValueError(f"{name}={value!r}: {hint}")
+    return value
+
+
 def default_compile_mode(on_gpu: bool, env=os.environ) -> str:
     """`model` on a GPU, `none` on the CPU, unless MLX_AR_TORCH_COMPILE says otherwise."""
-    mode = env.get(COMPILE_ENV, "").strip().lower()
-    if not mode:
-        return "model" if on_gpu else "none"
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"{COMPILE_ENV}={mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-    return mode
+    mode = env_switch(COMPILE_ENV, COMPILE_MODES, f"choose one of {', '.join(COMPILE_MODES)}", env, lower=True)
+    return mode or ("model" if on_gpu else "none")
 
 
 def graph_wanted(on_gpu: bool, compile_mode: str, env=os.environ) -> bool:
     """Record the step as a CUDA graph? On a GPU with a compiled model, unless MLX_AR_CUDA_GRAPH=0."""
-    flag = env.get(GRAPH_ENV, "").strip()
-    if flag not in ("", "0", "1"):
-        raise ValueError(f"{GRAPH_ENV}={flag!r}: use 1 (record the step as a CUDA graph) or 0 (do not)")
+    flag = env_switch(GRAPH_ENV, ("0", "1"), "use 1 (record the step as a CUDA graph) or 0 (do not)", env)
     return on_gpu and compile_mode != "none" and flag != "0"
 
 
@@ -137,10 +140,8 @@ class GraphedStep:
 
 def quack_tuning_wanted(env=os.environ) -> bool:
     """Let quack's autotuner pick the fused MLP's tiles? Only with MLX_AR_QUACK_TUNE=1 (see quack_mlp.mlp)."""
-    flag = env.get(QUACK_TUNE_ENV, "").strip()
-    if flag not in ("", "0", "1"):
-        raise ValueError(f"{QUACK_TUNE_ENV}={flag!r}: use 1 (autotune the fused MLP's GEMMs) or 0 (default tiles)")
-    return flag == "1"
+    return env_switch(QUACK_TUNE_ENV, ("0", "1"), "use 1 (autotune the fused MLP's GEMMs) or 0 (default tiles)",
+                      env) == "1"
 
 
 class PinnedStaging:
@@ -190,9 +191,7 @@ def choose_kernel(env_name: str, fast: str, what: str, reason, env=os.environ) -
     reason(): why the fast kernel `what` cannot run here (None: it can); asked only when it matters.
     """
     choices = ("auto", fast, "torch")
-    choice = env.get(env_name, "").strip().lower() or "auto"
-    if choice not in choices:
-        raise ValueError(f"{env_name}={choice!r}: choose one of {', '.join(choices)}")
+    choice = env_switch(env_name, choices, f"choose one of {', '.join(choices)}", env, lower=True) or "auto"
     if choice == "torch":
         return "torch", f"{env_name}=torch"
     why = reason()
