@@ -19,7 +19,9 @@ compare losses, gradients and one optimizer step). Full-context layers use SDPA'
 kernels; short windows run through flex_attention with block masks when the model is compiled
 on a GPU, and through SDPA with a boolean mask otherwise. Where the backend passes an attention
 kernel (FlashAttention-4 on Hopper and newer, when installed), that kernel runs every layer;
-where it passes an MLP kernel (quack's GEMMs with relu² in their epilogue), every MLP runs on it.
+where it passes an MLP kernel (quack's GEMMs with relu² in their epilogue), every MLP runs on it;
+where it passes a loss kernel (the soft-capped cross-entropy and its gradient in one Triton
+pass), training losses go through it.
 """
 import math
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ FAST_ATTENTION = True              # take the backend's FlashAttention-4 kernel 
                                    # runs; set False when changing Masks' attention math, or FA4 bypasses it
 FAST_MLP = True                    # take the backend's fused relu² MLP (quack GEMMs) where it runs;
                                    # set False when changing MLP's math, or the kernel bypasses it
+FAST_LOSS = True                   # take the backend's fused soft-capped cross-entropy (Triton) for training;
+                                   # set False when changing head_loss's math, or the kernel bypasses it
 
 
 # --- recipe -----------------------------------------------------------------------------------
@@ -294,6 +298,7 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.full((cfg.n_layer,), cfg.resid_lambda_init, dtype=DTYPE))
         self.x0_lambdas = nn.Parameter(torch.full((cfg.n_layer,), cfg.x0_lambda_init, dtype=DTYPE))
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, init="normal", std=cfg.lm_head_init_std)
+        self.loss_kernel = None        # the backend's fused head_loss for training (build_model sets it)
         cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -313,6 +318,9 @@ class GPT(nn.Module):
         """Soft-capped float32 logits of `h` -> cross-entropy in nats (mean, or (B, T) for "none")."""
         if reduction not in ("mean", "none"):
             raise ValueError(f'reduction must be "mean" or "none", got {reduction!r}')
+        if reduction == "mean" and self.loss_kernel is not None and torch.is_grad_enabled():
+            # It writes the logits' gradient as it computes the loss: worth it only when training.
+            return self.loss_kernel(h, self.lm_head.weight, targets, self.cfg.softcap)
         loss = SoftcapCrossEntropy.apply(self.lm_head(h), targets, self.cfg.softcap)
         return loss.mean() if reduction == "mean" else loss
 
@@ -325,7 +333,7 @@ class GPT(nn.Module):
 
 
 def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=False, attention=None,
-                mlp=None) -> GPT:
+                mlp=None, loss=None) -> GPT:
     """A GPT for `recipe`, initialised on `device` from torch's global RNG (seed it first).
 
     flex=True builds flex_attention block masks; the backend asks for them only when it compiles
@@ -333,6 +341,8 @@ def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=
     kernel for every layer instead (see Masks), taken when FAST_ATTENTION is True; the backend
     passes FlashAttention-4 where it runs. mlp: a function (x, w_fc, w_proj) computing MLP's
     forward, taken when FAST_MLP is True; the backend passes quack's fused GEMMs where they run.
+    loss: a function (h, w_head, targets, softcap) computing head_loss's mean loss for training,
+    taken when FAST_LOSS is True; the backend passes its Triton cross-entropy where Triton runs.
     """
     with torch.device(device):     # weights are drawn where they live: no host-side init and copy
         model = GPT(GPTConfig.from_recipe(recipe, vocab_size, seq_len))
@@ -340,6 +350,7 @@ def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=
     model.masks.kernel = attention if FAST_ATTENTION else None
     for block in model.blocks:
         block.mlp.kernel = mlp if FAST_MLP else None
+    model.loss_kernel = loss if FAST_LOSS else None
     if flex and model.masks.kernel is None:
         model.masks.enable_flex(device)
     return model

@@ -335,6 +335,7 @@ def test_backend_protocol_on_cpu(t):
     assert b.versions()["torch"] == torch.__version__
     assert b.versions()["attention"] == "torch sdpa"           # FA4 is for Hopper GPUs only
     assert b.versions()["mlp"] == "torch"                      # so are quack's GEMMs
+    assert b.versions()["loss"] == "torch"                     # and the Triton cross-entropy
     assert b.num_params == sum(p.numel() for p in b.model.parameters())
     assert b.flops_per_token == load_train(TINY).flops_per_token(load_train(TINY).GPTConfig.from_recipe(V, T))
     x, y = batch(2, 3)
@@ -452,7 +453,8 @@ def test_train_py_backend_cuda_smoke_run(tmp_path, data_cache, tiny_dataset):
                                      for name in ("train.py", "train_torch.py")}
     assert rec["versions"]["torch"] == torch.__version__
     assert rec["versions"]["attention"] == "torch sdpa" and rec["versions"]["mlp"] == "torch"
-    assert "kernels: attention torch sdpa | mlp torch\n" in proc.stdout
+    assert rec["versions"]["loss"] == "torch"
+    assert "kernels: attention torch sdpa | mlp torch | loss torch\n" in proc.stdout
 
 
 
@@ -553,6 +555,7 @@ def test_bench_train_json_is_one_json_object_naming_the_kernels(monkeypatch):
     figures = json.loads(result.stdout)       # nothing else on stdout: scripts parse it
     assert figures["backend"] == "cuda" and figures["tok_per_sec"] > 0
     assert figures["versions"]["attention"] == "torch sdpa" and figures["versions"]["mlp"] == "torch"
+    assert figures["versions"]["loss"] == "torch"
 
 # --- what an agent may edit -------------------------------------------------------------------
 SRC = TRAIN_PY.read_text()

@@ -24,19 +24,19 @@ SEEN_TUNED = []                    # the `tuned` flags the reference kernels wer
 
 
 def reference_fwd(x, w_fc, w_proj, tuned):
-    """(out, pre-activation) in x's dtype, computed in float32."""
+    """(out, activation relu(pre)²) in x's dtype, computed in float32."""
     SEEN_TUNED.append(tuned)
-    pre = x.float() @ w_fc.float().T
-    return (torch.relu(pre).square() @ w_proj.float().T).to(x.dtype), pre.to(x.dtype)
+    act = torch.relu(x.float() @ w_fc.float().T).square()
+    return (act @ w_proj.float().T).to(x.dtype), act.to(x.dtype)
 
 
-def reference_bwd(dout, x, w_fc, w_proj, pre, tuned):
-    """(dx, dw_fc, dw_proj) by the chain rule, in float32: what the fused backward GEMM computes."""
+def reference_bwd(dout, x, w_fc, w_proj, act, tuned):
+    """(dx, dw_fc, dw_proj) by the chain rule in float32, relu²'s derivative taken from its output
+    (2 sqrt(act)) as the fused backward GEMM takes it."""
     SEEN_TUNED.append(tuned)
     dtype = x.dtype
-    dout, x, w_fc, w_proj, pre = (t.float() for t in (dout, x, w_fc, w_proj, pre))
-    dpre = (dout @ w_proj) * 2 * torch.relu(pre)
-    act = torch.relu(pre).square()
+    dout, x, w_fc, w_proj, act = (t.float() for t in (dout, x, w_fc, w_proj, act))
+    dpre = (dout @ w_proj) * 2 * act.sqrt()
     return tuple(g.to(dtype) for g in (dpre @ w_fc, dpre.T @ x, dout.T @ act))
 
 

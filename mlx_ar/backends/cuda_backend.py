@@ -33,8 +33,12 @@ Choices, and why:
   comes with flash-attn-4; see quack_mlp.py) where they run; otherwise torch's matmuls with the
   activation fused by torch.compile. `MLX_AR_MLP` overrides it (`auto`, `quack`, `torch`), and
   train_torch.py may decline it (FAST_MLP = False). `MLX_AR_QUACK_TUNE=1` lets quack's autotuner
-  pick its tiles (2% faster at the karpathy config, ~60 s more on a machine's first run of a
+  pick its tiles (no faster at the karpathy config, ~60 s more on a machine's first run of a
   shape). Recorded as versions -> mlp.
+- Loss: the soft-capped cross-entropy and its logit gradient in one Triton pass over the logits
+  (softcap_ce.py) where Triton runs (Ampere or newer; Triton comes with torch's CUDA wheels);
+  otherwise two compiled passes. `MLX_AR_LOSS` overrides it (`auto`, `triton`, `torch`), and
+  train_torch.py may decline it (FAST_LOSS = False). Recorded as versions -> loss.
 - Evaluation runs eagerly (SDPA, or FA4's forward where chosen), so it compiles nothing new.
 
     backend = CudaBackend(train_globals)
@@ -62,6 +66,7 @@ MLP_ENV = "MLX_AR_MLP"
 QUACK_TUNE_ENV = "MLX_AR_QUACK_TUNE"
 QUACK_TUNING_CACHE_ENV = "QUACK_CACHE_AUTOTUNING"
 GRAPH_ENV = "MLX_AR_CUDA_GRAPH"
+LOSS_ENV = "MLX_AR_LOSS"
 
 _module_ids = itertools.count()
 
@@ -222,6 +227,16 @@ def choose_mlp(device, dims, env=os.environ, probe=None) -> tuple[str, str]:
     return choose_kernel(MLP_ENV, "quack", "quack's fused relu² MLP", lambda: probe(device, dims), env)
 
 
+def choose_loss(device, env=os.environ, probe=None) -> tuple[str, str]:
+    """("triton" | "torch", why) for the fused soft-capped cross-entropy on `device`.
+
+    `probe(device)` says why the Triton kernel cannot run; default softcap_ce.unavailable_reason.
+    """
+    if probe is None:
+        from .softcap_ce import unavailable_reason as probe
+    return choose_kernel(LOSS_ENV, "triton", "the Triton cross-entropy", lambda: probe(device), env)
+
+
 def load_torch_file(path):
     """Execute train_torch.py as a fresh module (a new one per call, like trainfile.load_train)."""
     path = Path(path).resolve()
@@ -321,9 +336,10 @@ class CudaBackend:
         cfg = tt.GPTConfig.from_recipe(recipe, vocab_size, seq_len)
         attention, why_attention = self._attention_kernel(cfg.head_dim)
         mlp, why_mlp = self._mlp_kernel((cfg.d_model, cfg.mlp_hidden))
+        loss, why_loss = self._loss_kernel()
         model = tt.build_model(recipe, vocab_size, seq_len, device=self.device, flex=flex, attention=attention,
-                               mlp=mlp)
-        self.kernels = self._kernel_labels(model, why_attention, why_mlp)
+                               mlp=mlp, loss=loss)
+        self.kernels = self._kernel_labels(model, why_attention, why_mlp, why_loss)
         optimizer = tt.build_optimizer(model, recipe)
         self.tt, self.model, self.optimizer = tt, model, optimizer
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -370,7 +386,17 @@ class CudaBackend:
 
         return functools.partial(quack_mlp.mlp, tuned=tuned), None
 
-    def _kernel_labels(self, model, why_attention: str | None, why_mlp: str | None) -> dict:
+    def _loss_kernel(self):
+        """(the fused Triton cross-entropy, None) where it is chosen, else (None, why not)."""
+        kind, why = choose_loss(self.device)
+        if kind == "torch":
+            return None, why
+        from . import softcap_ce
+
+        return softcap_ce.cross_entropy, None
+
+    def _kernel_labels(self, model, why_attention: str | None, why_mlp: str | None,
+                       why_loss: str | None = None) -> dict:
         """What the built model runs attention and the MLP with, for the record.
 
         why_*: why the fast kernel was not offered (None: it was, and train_torch.py declined it).
@@ -395,6 +421,14 @@ class CudaBackend:
             labels["mlp"] = "torch"
         else:
             labels["mlp"] = f"torch (quack not used: {why_mlp or 'FAST_MLP = False in train_torch.py'})"
+        if model.loss_kernel is not None:
+            from . import softcap_ce
+
+            labels["loss"] = f"triton {softcap_ce.version()} (soft-capped cross-entropy and its gradient in one pass)"
+        elif not self.on_gpu:
+            labels["loss"] = "torch"
+        else:
+            labels["loss"] = f"torch (triton not used: {why_loss or 'FAST_LOSS = False in train_torch.py'})"
         return labels
 
     def load_weights(self, arrays: dict) -> None:

@@ -3,10 +3,10 @@
 train_torch.py's MLP computes relu(x @ W_fc^T)² @ W_proj^T. Left to torch.compile, the
 activation is a separate pass over the (tokens x hidden) tensor in the forward and another in
 the backward, each reading and writing a gigabyte per layer and micro-batch at the karpathy
-config. quack's CuTe DSL GEMMs apply it in their epilogue instead: the forward GEMM writes the
-pre-activation (kept for the backward) and the activation together, and the backward GEMM
-dout @ W_proj multiplies by relu²'s derivative as it stores, recomputing the activation the
-weight gradient needs. Only the kernels differ; the math is the model's.
+config. quack's CuTe DSL GEMMs apply it in their epilogue instead: the forward GEMM writes only
+the activation (kept for the backward), and the backward GEMM dout @ W_proj multiplies by
+relu²'s derivative as it stores, which it takes from that activation (quack_drelu2.py: the
+derivative 2 relu(pre) is 2 sqrt(relu(pre)²)). Only the kernels differ; the math is the model's.
 
     reason = unavailable_reason(device, (d_model, hidden))   # None when the kernels can run
     y = mlp(x, w_fc, w_proj)                                   # x (..., d_model) bf16
@@ -56,14 +56,14 @@ def version() -> str:
 @torch.library.custom_op("mlx_ar::relu2_mlp_fwd", mutates_args=())
 def relu2_mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
                   tuned: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, d), w_fc (h, d), w_proj (d, h) -> (out (M, d), pre-activation (M, h)).
+    """x (M, d), w_fc (h, d), w_proj (d, h) -> (out (M, d), activation relu(x @ w_fc.T)² (M, h)).
 
     tuned: let quack's autotuner pick the fused GEMM's tiles (else its default tiles).
     """
     from quack.gemm_interface import gemm_act
 
-    pre, act = gemm_act(x, w_fc.T, activation=ACTIVATION, tuned=tuned)
-    return act @ w_proj.T, pre
+    act = gemm_act(x, w_fc.T, activation=ACTIVATION, store_preact=False, tuned=tuned)[1]
+    return act @ w_proj.T, act
 
 
 @relu2_mlp_fwd.register_fake
@@ -73,16 +73,16 @@ def _(x, w_fc, w_proj, tuned):
 
 @torch.library.custom_op("mlx_ar::relu2_mlp_bwd", mutates_args=())
 def relu2_mlp_bwd(dout: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
-                  pre: torch.Tensor, tuned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dx, dw_fc, dw_proj) from dout (M, d) and the forward's pre-activation."""
-    from quack.gemm_interface import gemm_dact
+                  act: torch.Tensor, tuned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dw_fc, dw_proj) from dout (M, d) and the forward's activation."""
+    from .quack_drelu2 import drelu2
 
-    dpre, act = gemm_dact(dout, w_proj, pre, activation=ACTIVATION, tuned=tuned)
+    dpre = drelu2(dout, w_proj, act, tuned=tuned)
     return dpre @ w_fc, dpre.T @ x, dout.T @ act
 
 
 @relu2_mlp_bwd.register_fake
-def _(dout, x, w_fc, w_proj, pre, tuned):
+def _(dout, x, w_fc, w_proj, act, tuned):
     return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
 
 
@@ -91,9 +91,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_fc, w_proj, output[1])
 
 
-def _backward(ctx, dout, dpre):
-    x, w_fc, w_proj, pre = ctx.saved_tensors
-    return *torch.ops.mlx_ar.relu2_mlp_bwd(dout.contiguous(), x, w_fc, w_proj, pre, ctx.tuned), None
+def _backward(ctx, dout, dact):
+    x, w_fc, w_proj, act = ctx.saved_tensors
+    return *torch.ops.mlx_ar.relu2_mlp_bwd(dout.contiguous(), x, w_fc, w_proj, act, ctx.tuned), None
 
 
 relu2_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -103,7 +103,7 @@ def mlp(x, w_fc, w_proj, tuned: bool = False):
     """relu(x @ w_fc.T)² @ w_proj.T over the last axis of x (any leading shape), in x's dtype.
 
     tuned: quack's autotuner picks the fused GEMMs' tiles. On an H100 at the karpathy config that
-    made a step 2% faster (290.8 against 297.2 ms), but tuning compiles every candidate kernel
+    gained nothing (278.5 against 276.8 ms a step), and tuning compiles every candidate kernel
     once per matrix shape: about 60 s on a machine's first run (cached on disk afterwards).
     """
     flat = x.reshape(-1, x.size(-1)).contiguous()

@@ -18,11 +18,11 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-KERNEL_KEYS = ("attention", "mlp")  # versions entries naming the kernels a backend chose
+KERNEL_KEYS = ("attention", "mlp", "loss")  # versions entries naming the kernels a backend chose
 
 
 def kernel_line(versions: dict) -> str:
-    """'kernels: attention fa4 4.0.0b36 | mlp torch', or "" when the backend names no kernels."""
+    """'kernels: attention fa4 4.0.0b36 | mlp torch | loss torch', or "" when the backend names no kernels."""
     parts = [f"{key} {versions[key]}" for key in KERNEL_KEYS if key in versions]
     return "kernels: " + " | ".join(parts) if parts else ""
 

@@ -1,0 +1,96 @@
+"""The loss head's soft-capped cross-entropy with its gradient taken in the same pass (a Triton kernel).
+
+train_torch.py's head computes z = h @ W^T, y = cap * tanh(z / cap) and the cross-entropy of y
+in float32. Left to torch.compile, the (tokens x vocab) logits are read by a forward kernel and
+read again, and the gradient written, by a backward kernel; on an H100 at the karpathy config
+that was 4.0 + 3.1 ms per micro-batch. Here one kernel reads the logits once, while the
+forward runs, and writes both the per-token losses and the gradient of each token's loss with
+respect to its logits. What it returns is the mean loss, whose upstream gradient is one scalar:
+the backward applies it to the small results of its two matmuls, never to the gradient itself.
+
+    reason = unavailable_reason(device)     # None when the kernel can run
+    loss = cross_entropy(h, w, targets, cap)  # h (..., d) bf16, w (V, d), targets (...) int -> float32 mean
+
+The kernel is the torch custom op `mlx_ar::softcap_ce` (Triton on a GPU, the same math in torch
+elsewhere), so torch.compile and CUDA graphs keep it whole. The cuda backend hands
+`cross_entropy` to the model where Triton runs; the model uses it for the mean training loss only
+(evaluation needs per-token losses and no gradient, and keeps the plain head).
+"""
+import importlib.util
+
+import torch
+
+from . import packages
+
+MIN_CAPABILITY = 8                 # bf16 loads and stores in Triton: Ampere and newer
+PACKAGE = "triton"
+
+
+def unavailable_reason(device, capability=None, find_spec=importlib.util.find_spec) -> str | None:
+    """Why the Triton kernel cannot run on `device`; None when it can.
+
+    capability: the GPU's (major, minor), asked of torch when not given.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"{device.type} is not a CUDA device"
+    major, minor = capability or torch.cuda.get_device_capability(device)
+    if major < MIN_CAPABILITY:
+        return f"compute capability {major}.{minor} is below {MIN_CAPABILITY}.0"
+    return packages.missing_reason(PACKAGE, ("triton",), "it comes with torch's CUDA wheels", find_spec)
+
+
+def version() -> str:
+    return packages.version(PACKAGE)
+
+
+# --- custom op --------------------------------------------------------------------------------
+def reference(z: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's math in torch: (loss (M,) float32, dz (M, V) in z's dtype) for a unit upstream gradient."""
+    t = torch.tanh(z.float() / cap)
+    y = cap * t
+    lse = torch.logsumexp(y, dim=-1)
+    loss = lse - y.gather(-1, targets[:, None].long()).squeeze(-1)
+    onehot = torch.zeros_like(y).scatter_(-1, targets[:, None].long(), 1.0)
+    dz = (torch.exp(y - lse[:, None]) - onehot) * (1 - t * t)
+    return loss, dz.to(z.dtype)
+
+
+@torch.library.custom_op("mlx_ar::softcap_ce", mutates_args=())
+def softcap_ce(z: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits z (M, V), targets (M,) -> (loss (M,) float32, dloss/dz (M, V) in z's dtype)."""
+    return reference(z, targets, cap)
+
+
+@softcap_ce.register_kernel("cuda")
+def _(z, targets, cap):
+    from . import softcap_ce_triton
+
+    return softcap_ce_triton.softcap_ce(z.contiguous(), targets.contiguous(), cap)
+
+
+@softcap_ce.register_fake
+def _(z, targets, cap):
+    return z.new_empty(z.size(0), dtype=torch.float32), torch.empty_like(z)
+
+
+class _LinearSoftcapCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, targets, cap):
+        loss, dz = torch.ops.mlx_ar.softcap_ce(h @ w.T, targets, cap)
+        ctx.save_for_backward(h, w, dz)
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, dz = ctx.saved_tensors
+        # The mean's gradient is the same for every token: scale the matmuls' results, not dz.
+        scale = grad.float() / dz.size(0)
+        dh = ((dz @ w).float() * scale).to(h.dtype)
+        dw = ((dz.T @ h).float() * scale).to(w.dtype)
+        return dh, dw, None, None
+
+
+def cross_entropy(h, w, targets, cap: float):
+    """Mean cross-entropy (float32 scalar) over all tokens of the soft-capped logits h @ w.T."""
+    return _LinearSoftcapCE.apply(h.reshape(-1, h.size(-1)), w, targets.reshape(-1), float(cap))

@@ -1,0 +1,202 @@
+"""The fused soft-capped cross-entropy (mlx_ar/backends/softcap_ce.py and its Triton kernel).
+
+On the CPU the custom op runs its torch reference; what is tested there is that reference's
+math against autograd, the backward's scaling, the fake (shape) function under
+torch.compile, the model using the kernel only while training, and the backend's choice. The
+Triton kernel itself runs on the CPU through Triton's interpreter where Triton is installed (CI
+installs it), in a fresh process, on both of its paths (a row held at once, and a row walked in
+chunks). The
+gpu-marked test runs the compiled kernel.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads
+from mlx_ar.backends import softcap_ce
+from mlx_ar.backends.cuda_backend import LOSS_ENV, CudaBackend, choose_loss, load_torch_file
+from mlx_ar.recipe import apply_recipe, parse_recipe
+
+T = 32
+CAP = 15.0
+
+
+def plain_loss(h, w, targets, cap=CAP):
+    """The soft-capped cross-entropy by autograd, per token, of logits rounded to bf16 as the model's are."""
+    y = cap * torch.tanh((h @ w.T).to(torch.bfloat16).float() / cap)
+    return torch.nn.functional.cross_entropy(y.view(-1, y.size(-1)), targets.reshape(-1),
+                                             reduction="none").view(targets.shape)
+
+
+def _logits(M, V, seed=0, scale=8.0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(M, V, generator=g) * scale).to(dtype)
+    return z, torch.randint(0, V, (M,), generator=g)
+
+
+# --- choosing the kernel ------------------------------------------------------------------------
+def test_unavailable_reason_names_what_is_missing():
+    found = lambda name: object()                          # noqa: E731
+    assert "not a CUDA device" in softcap_ce.unavailable_reason("cpu")
+    assert "compute capability 7.5 is below 8.0" in softcap_ce.unavailable_reason(
+        "cuda", capability=(7, 5), find_spec=found)
+    missing = softcap_ce.unavailable_reason("cuda", capability=(9, 0), find_spec=lambda name: None)
+    assert "triton is not installed" in missing and "torch's CUDA wheels" in missing
+    assert softcap_ce.unavailable_reason("cuda", capability=(8, 0), find_spec=found) is None
+    assert softcap_ce.unavailable_reason("cuda", capability=(12, 0), find_spec=found) is None
+
+
+def test_choose_loss_follows_the_probe_and_the_environment():
+    can = lambda device: None                              # noqa: E731
+    cannot = lambda device: "triton is not installed"      # noqa: E731
+    assert choose_loss("cuda", env={}, probe=can) == ("triton", "available")
+    assert choose_loss("cuda", env={}, probe=cannot) == ("torch", "triton is not installed")
+    assert choose_loss("cuda", env={LOSS_ENV: "torch"}, probe=can) == ("torch", f"{LOSS_ENV}=torch")
+    with pytest.raises(ValueError, match="cannot run here: triton is not installed"):
+        choose_loss("cuda", env={LOSS_ENV: "triton"}, probe=cannot)
+    with pytest.raises(ValueError, match="choose one of auto, triton, torch"):
+        choose_loss("cuda", env={LOSS_ENV: "fused"}, probe=can)
+
+
+def test_choose_loss_on_the_cpu_keeps_torch():
+    assert choose_loss(torch.device("cpu"), env={})[0] == "torch"
+
+
+# --- the op's math and glue (torch reference on the CPU) -----------------------------------------
+def test_reference_is_the_loss_and_its_gradient():
+    z, targets = _logits(6, 50, scale=30.0)                  # beyond the cap: tanh saturates
+    zf = z.double().requires_grad_()
+    y = CAP * torch.tanh(zf / CAP)
+    want = torch.nn.functional.cross_entropy(y, targets, reduction="none")
+    want.sum().backward()
+    loss, dz = softcap_ce.reference(z, targets, CAP)
+    assert loss.dtype == torch.float32 and dz.dtype == torch.bfloat16 and dz.shape == z.shape
+    torch.testing.assert_close(loss.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dz.double(), zf.grad, atol=4e-3, rtol=1e-2)   # one bf16 rounding
+
+
+def _leaves(seed=0, lead=(3, 5), d=24, V=40):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, d, generator=g).to(torch.bfloat16)
+    w = (torch.randn(V, d, generator=g) / 2).to(torch.bfloat16)
+    return h, w, torch.randint(0, V, lead, generator=g)
+
+
+def test_cross_entropy_is_the_mean_loss_with_autograd_gradients():
+    """The backward scales the two matmuls' results by the upstream gradient over the token count."""
+    h, w, targets = _leaves()
+    a = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+    loss = softcap_ce.cross_entropy(*a, targets, CAP)
+    assert loss.shape == () and loss.dtype == torch.float32
+    (3.5 * loss).backward()
+    b = [h.float().requires_grad_(), w.float().requires_grad_()]
+    ref = plain_loss(*b, targets).mean()
+    (3.5 * ref).backward()
+    torch.testing.assert_close(loss, ref, atol=2e-3, rtol=1e-3)
+    for x, r in zip(a, b):
+        assert x.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(x.grad.float(), r.grad, atol=2e-2 * r.grad.abs().max().item(), rtol=2e-2)
+
+
+def test_cross_entropy_compiles_whole_and_matches_eager():
+    h, w, targets = _leaves(1)
+    h.requires_grad_(), w.requires_grad_()
+    fn = torch.compile(lambda a, b, t: softcap_ce.cross_entropy(a, b, t, CAP),
+                       fullgraph=True, dynamic=False, backend="aot_eager")
+    torch._dynamo.reset()
+    loss = fn(h, w, targets)
+    grads = torch.autograd.grad(loss, (h, w))
+    eager = softcap_ce.cross_entropy(h, w, targets, CAP)
+    torch.testing.assert_close(loss, eager)
+    for g, e in zip(grads, torch.autograd.grad(eager, (h, w))):
+        torch.testing.assert_close(g, e)
+
+
+def _recipe():
+    return parse_recipe(apply_recipe((ROOT / "train.py").read_text(), TINY))
+
+
+def test_model_trains_through_the_kernel_and_evaluates_without_it():
+    tt = load_torch_file(ROOT / "train_torch.py")
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return softcap_ce.cross_entropy(*args)
+
+    models = []
+    for loss in (None, counted):
+        torch.manual_seed(0)
+        models.append(tt.build_model(_recipe(), 97, T, loss=loss))
+    assert models[1].loss_kernel is counted
+    assert_same_loss_and_grads(models, 97, T)
+    assert len(calls) == 1                                 # the training loss ran through the kernel
+    x = torch.randint(0, 97, (2, T))
+    with torch.no_grad():
+        per_token = [m.token_losses(x, x) for m in models]
+    assert len(calls) == 1                                 # evaluation did not
+    torch.testing.assert_close(per_token[1], per_token[0])
+    models[1](x, x, reduction="none").sum().backward()
+    assert len(calls) == 1                                 # nor per-token losses with gradients
+
+
+def test_fast_loss_false_in_train_torch_declines_the_kernel():
+    """An agent changing head_loss's math sets FAST_LOSS = False, so the kernel cannot bypass it."""
+    from types import SimpleNamespace
+
+    tt = load_torch_file(ROOT / "train_torch.py")
+    assert tt.FAST_LOSS is True
+    tt.FAST_LOSS = False
+    model = tt.build_model(_recipe(), 97, T, loss=softcap_ce.cross_entropy)
+    assert model.loss_kernel is None
+    backend = SimpleNamespace(on_gpu=True)
+    labels = CudaBackend._kernel_labels(backend, model, "x", "y", None)            # offered, declined
+    assert labels["loss"] == "torch (triton not used: FAST_LOSS = False in train_torch.py)"
+    labels = CudaBackend._kernel_labels(backend, model, "x", "y", "triton is not installed")
+    assert labels["loss"] == "torch (triton not used: triton is not installed)"
+    tt.FAST_LOSS = True
+    model = tt.build_model(_recipe(), 97, T, loss=softcap_ce.cross_entropy)
+    label = CudaBackend._kernel_labels(backend, model, "x", "y", None)["loss"]
+    assert label.startswith("triton ") and label.endswith("(soft-capped cross-entropy and its gradient in one pass)")
+
+
+# --- the Triton kernel, interpreted on the CPU ---------------------------------------------------
+def test_triton_kernel_matches_the_reference_in_the_interpreter():
+    """Triton reads TRITON_INTERPRET when it is first imported (torch.compile imports it), so the
+    interpreted kernel runs in a fresh process: tests/_softcap_ce_interpreted.py, which checks
+    both of the kernel's paths, both shifts, odd sizes, saturated logits, strided rows and bad input."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "_softcap_ce_interpreted.py")], cwd=ROOT,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ok ") == 9, done.stdout
+
+
+# --- the compiled kernel ------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or softcap_ce.unavailable_reason("cuda") is not None,
+                    reason="needs an Ampere or newer NVIDIA GPU with Triton")
+def test_triton_kernel_on_the_gpu():
+    from mlx_ar.backends import softcap_ce_triton
+
+    for M, V, block_max, cap in ((4096, 8192, 8192, CAP), (1000, 50304, 8192, CAP), (512, 3000, 1024, CAP),
+                                 (512, 8192, 8192, 100.0), (256, 3000, 1024, 100.0)):
+        z, targets = (t.cuda() for t in _logits(M, V, seed=M, scale=1.5 * cap))
+        loss, dz = softcap_ce_triton.softcap_ce(z, targets, cap, block_max=block_max)
+        want_loss, want_dz = softcap_ce.reference(z, targets, cap)
+        torch.testing.assert_close(loss, want_loss, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(dz.float(), want_dz.float(), atol=8e-3, rtol=1e-2)
+    h, w, targets = (t.cuda() for t in _leaves(2, lead=(4, 256), d=512, V=8192))
+    a = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+    fn = torch.compile(lambda x, y, t: softcap_ce.cross_entropy(x, y, t, CAP), fullgraph=True)
+    loss = fn(*a, targets)
+    loss.backward()
+    b = [h.float().requires_grad_(), w.float().requires_grad_()]
+    ref = plain_loss(*b, targets).mean()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=2e-3, rtol=1e-3)
+    for x, r in zip(a, b):
+        torch.testing.assert_close(x.grad.float(), r.grad, atol=2e-2 * r.grad.abs().max().item(), rtol=2e-2)
