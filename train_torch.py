@@ -21,7 +21,7 @@ on a GPU, and through SDPA with a boolean mask otherwise. Where the backend pass
 kernel (FlashAttention-4 on Hopper and newer, when installed), that kernel runs every layer;
 where it passes an MLP kernel (quack's GEMMs with relu² in their epilogue), every MLP runs on it;
 where it passes a loss kernel (the soft-capped cross-entropy and its gradient in one Triton
-pass), training losses go through it.
+pass), the mean training loss goes through it.
 """
 import math
 from dataclasses import dataclass

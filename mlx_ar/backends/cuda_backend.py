@@ -395,9 +395,8 @@ class CudaBackend:
 
         return softcap_ce.cross_entropy, None
 
-    def _kernel_labels(self, model, why_attention: str | None, why_mlp: str | None,
-                       why_loss: str | None = None) -> dict:
-        """What the built model runs attention and the MLP with, for the record.
+    def _kernel_labels(self, model, why_attention: str | None, why_mlp: str | None, why_loss: str | None) -> dict:
+        """What the built model runs attention, the MLP and the training loss with, for the record.
 
         why_*: why the fast kernel was not offered (None: it was, and train_torch.py declined it).
         """
