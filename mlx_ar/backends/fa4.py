@@ -28,12 +28,10 @@ def unavailable_reason(device, head_dim: int, capability=None, find_spec=importl
 
     capability: the GPU's (major, minor), asked of torch when not given.
     """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"{device.type} is not a CUDA device"
-    major, minor = capability or torch.cuda.get_device_capability(device)
-    if major < MIN_CAPABILITY:
-        return f"compute capability {major}.{minor} is below {MIN_CAPABILITY}.0"
+    found, why = packages.cuda_capability(device, capability, minimum=MIN_CAPABILITY)
+    if why:
+        return why
+    major, minor = found
     # flash-attn-4's head sizes: Hopper 8-256; Blackwell 8-128 or 256; multiples of 8 (bf16)
     supported = 8 <= head_dim <= 256 if major == 9 else (8 <= head_dim <= 128 or head_dim == 256)
     if head_dim % 8 or not supported:

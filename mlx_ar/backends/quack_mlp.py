@@ -36,10 +36,10 @@ def unavailable_reason(device, dims, capability=None, find_spec=importlib.util.f
 
     capability: the GPU's (major, minor), asked of torch when not given.
     """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"{device.type} is not a CUDA device"
-    major, minor = capability or torch.cuda.get_device_capability(device)
+    found, why = packages.cuda_capability(device, capability)
+    if why:
+        return why
+    major, minor = found
     if major not in CAPABILITIES:
         return f"quack's GEMMs do not run on compute capability {major}.{minor}"
     odd = [d for d in dims if d % ALIGN]

@@ -31,13 +31,8 @@ def unavailable_reason(device, capability=None, find_spec=importlib.util.find_sp
 
     capability: the GPU's (major, minor), asked of torch when not given.
     """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"{device.type} is not a CUDA device"
-    major, minor = capability or torch.cuda.get_device_capability(device)
-    if major < MIN_CAPABILITY:
-        return f"compute capability {major}.{minor} is below {MIN_CAPABILITY}.0"
-    return packages.missing_reason(PACKAGE, ("triton",), "it comes with torch's CUDA wheels", find_spec)
+    why = packages.cuda_capability(device, capability, minimum=MIN_CAPABILITY)[1]
+    return why or packages.missing_reason(PACKAGE, ("triton",), "it comes with torch's CUDA wheels", find_spec)
 
 
 def version() -> str:
