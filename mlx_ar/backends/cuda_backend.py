@@ -307,7 +307,7 @@ class CudaBackend:
         self.warmup_steps = 1
         self.num_params = 0
         self.flops_per_token = 0.0
-        self.kernels = {}              # the attention and MLP kernels build() chose, for the record
+        self.kernels = {}              # the attention, MLP and loss kernels build() chose, for the record
         self._staging = PinnedStaging(torch, self.device) if self.on_gpu else None
         self.graphed = None            # GraphedStep once build() decides to record the step
 
@@ -400,34 +400,32 @@ class CudaBackend:
 
         why_*: why the fast kernel was not offered (None: it was, and train_torch.py declined it).
         """
+        def fallback(on_cpu: str, on_gpu: str, fast: str, why: str | None, flag: str) -> str:
+            if not self.on_gpu:
+                return on_cpu
+            return f"{on_gpu} ({fast} not used: {why or f'{flag} = False in train_torch.py'})"
+
         labels = {}
         if model.masks.kernel is not None:
             from . import fa4
 
             labels["attention"] = f"fa4 {fa4.version()}"
-        elif not self.on_gpu:
-            labels["attention"] = "torch sdpa"
         else:
-            why = why_attention or "FAST_ATTENTION = False in train_torch.py"
-            labels["attention"] = f"torch sdpa+flex (fa4 not used: {why})"
+            labels["attention"] = fallback("torch sdpa", "torch sdpa+flex", "fa4", why_attention, "FAST_ATTENTION")
         kernel = model.blocks[0].mlp.kernel
         if kernel is not None:
             from . import quack_mlp
 
             tiles = "autotuned" if getattr(kernel, "keywords", {}).get("tuned") else "default tiles"
             labels["mlp"] = f"quack {quack_mlp.version()} (relu² in the GEMM epilogues, {tiles})"
-        elif not self.on_gpu:
-            labels["mlp"] = "torch"
         else:
-            labels["mlp"] = f"torch (quack not used: {why_mlp or 'FAST_MLP = False in train_torch.py'})"
+            labels["mlp"] = fallback("torch", "torch", "quack", why_mlp, "FAST_MLP")
         if model.loss_kernel is not None:
             from . import softcap_ce
 
             labels["loss"] = f"triton {softcap_ce.version()} (soft-capped cross-entropy and its gradient in one pass)"
-        elif not self.on_gpu:
-            labels["loss"] = "torch"
         else:
-            labels["loss"] = f"torch (triton not used: {why_loss or 'FAST_LOSS = False in train_torch.py'})"
+            labels["loss"] = fallback("torch", "torch", "triton", why_loss, "FAST_LOSS")
         return labels
 
     def load_weights(self, arrays: dict) -> None:
