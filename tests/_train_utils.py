@@ -10,6 +10,13 @@ TRAIN_PY = ROOT / "train.py"
 TINY = {"DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 32, "VE_GATE_CHANNELS": 8}
 
 
+def recipe_of(overrides):
+    """train.py's recipe block as a dict, with `overrides` applied."""
+    from mlx_ar.recipe import apply_recipe, parse_recipe
+
+    return parse_recipe(apply_recipe(TRAIN_PY.read_text(), overrides))
+
+
 def load_train(overrides=None):
     """A fresh module of train.py with recipe `overrides` applied."""
     return _load(TRAIN_PY, overrides)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from mlx.utils import tree_flatten, tree_unflatten
 
-from _train_utils import ROOT, TINY, TRAIN_PY, load_train
+from _train_utils import ROOT, TINY, TRAIN_PY, load_train, recipe_of
 from mlx_ar.backends import get_backend
 from mlx_ar.backends.cuda_backend import (COMPILE_ENV, GRAPH_ENV, CudaBackend, GraphedStep, default_compile_mode,
                                           graph_wanted, load_numpy_weights, load_torch_file, numpy_weights)
@@ -33,10 +33,6 @@ from mlx_ar.recipe import apply_recipe, parse_recipe
 
 V, T = 97, 32                      # T = 32 gives TINY's first layer a 16-key window, its last a full one
 TORCH_PY = ROOT / "train_torch.py"
-
-
-def recipe_of(overrides):
-    return parse_recipe(apply_recipe(TRAIN_PY.read_text(), overrides))
 
 
 @pytest.fixture(scope="module")

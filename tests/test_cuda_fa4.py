@@ -9,10 +9,9 @@ gpu-marked test compares the real kernels with SDPA where FA4 runs.
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads, recipe_of
 from mlx_ar.backends import fa4
 from mlx_ar.backends.cuda_backend import ATTENTION_ENV, choose_attention, load_torch_file
-from mlx_ar.recipe import parse_recipe
 
 T = 32
 
@@ -134,9 +133,7 @@ def test_ops_compile_whole_and_match_eager(cpu_kernels):
 
 def test_model_with_the_fa4_kernel_matches_its_own_kernels(cpu_kernels):
     tt = load_torch_file(ROOT / "train_torch.py")
-    from mlx_ar.recipe import apply_recipe
-
-    recipe = parse_recipe(apply_recipe((ROOT / "train.py").read_text(), TINY))
+    recipe = recipe_of(TINY)
     models = []
     for attention in (None, fa4.attention):
         torch.manual_seed(0)
@@ -170,11 +167,10 @@ def test_fast_attention_false_in_train_torch_declines_the_kernel(cpu_kernels):
     from types import SimpleNamespace
 
     from mlx_ar.backends.cuda_backend import CudaBackend
-    from mlx_ar.recipe import apply_recipe
 
     tt = load_torch_file(ROOT / "train_torch.py")
     assert tt.FAST_ATTENTION is True
-    recipe = parse_recipe(apply_recipe((ROOT / "train.py").read_text(), TINY))
+    recipe = recipe_of(TINY)
     tt.FAST_ATTENTION = False
     model = tt.build_model(recipe, 97, T, attention=fa4.attention)
     assert model.masks.kernel is None

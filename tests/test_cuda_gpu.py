@@ -7,17 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from _train_utils import TINY, TRAIN_PY
+from _train_utils import TINY, TRAIN_PY, recipe_of
 from mlx_ar.backends.cuda_backend import GRAPH_ENV, CudaBackend
-from mlx_ar.recipe import apply_recipe, parse_recipe
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 V, SEQ = 97, 256
 TRAIN_GLOBALS = {"__file__": str(TRAIN_PY.resolve())}
-
-
-def recipe_of(overrides):
-    return parse_recipe(apply_recipe(TRAIN_PY.read_text(), overrides))
 
 
 def test_gpu_compiled_step_matches_eager_and_learns():

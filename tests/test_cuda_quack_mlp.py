@@ -11,11 +11,10 @@ import functools
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads, recipe_of
 from mlx_ar.backends import quack_mlp
 from mlx_ar.backends.cuda_backend import (MLP_ENV, QUACK_TUNE_ENV, CudaBackend, choose_mlp, load_torch_file,
                                           quack_tuning_wanted)
-from mlx_ar.recipe import apply_recipe, parse_recipe
 
 T = 32
 
@@ -110,7 +109,7 @@ def test_a_bad_tuning_switch_fails_the_build_even_where_quack_cannot_run(monkeyp
     monkeypatch.setenv(QUACK_TUNE_ENV, "yes")
     backend = CudaBackend({"__file__": str(ROOT / "train.py")})
     with pytest.raises(ValueError, match=f"{QUACK_TUNE_ENV}='yes': use 1"):
-        backend.build(_recipe(), 97, T, seed=0)
+        backend.build(recipe_of(TINY), 97, T, seed=0)
 
 
 def test_choose_mlp_on_the_cpu_keeps_torch_kernels():
@@ -154,10 +153,6 @@ def test_ops_compile_whole_and_match_eager(cpu_kernels):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def _recipe():
-    return parse_recipe(apply_recipe((ROOT / "train.py").read_text(), TINY))
-
-
 def test_model_with_the_fused_mlp_matches_its_own_mlp(cpu_kernels):
     tt = load_torch_file(ROOT / "train_torch.py")
     calls = []
@@ -169,7 +164,7 @@ def test_model_with_the_fused_mlp_matches_its_own_mlp(cpu_kernels):
     models = []
     for mlp in (None, counted):
         torch.manual_seed(0)
-        models.append(tt.build_model(_recipe(), 97, T, mlp=mlp))
+        models.append(tt.build_model(recipe_of(TINY), 97, T, mlp=mlp))
     assert all(b.mlp.kernel is counted for b in models[1].blocks)
     # The output projections start at zero: give them weights, or the MLPs' inputs get no gradient.
     for m in models:
@@ -188,7 +183,7 @@ def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):
     tt = load_torch_file(ROOT / "train_torch.py")
     assert tt.FAST_MLP is True
     tt.FAST_MLP = False
-    model = tt.build_model(_recipe(), 97, T, mlp=quack_mlp.mlp)
+    model = tt.build_model(recipe_of(TINY), 97, T, mlp=quack_mlp.mlp)
     assert all(b.mlp.kernel is None for b in model.blocks)
     backend = SimpleNamespace(on_gpu=True)
     labels = CudaBackend._kernel_labels(backend, model, "x", None, "y")            # offered, declined
@@ -196,10 +191,10 @@ def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):
     labels = CudaBackend._kernel_labels(backend, model, "x", "quack-kernels is not installed", "y")
     assert labels["mlp"] == "torch (quack not used: quack-kernels is not installed)"
     tt.FAST_MLP = True
-    model = tt.build_model(_recipe(), 97, T, mlp=quack_mlp.mlp)
+    model = tt.build_model(recipe_of(TINY), 97, T, mlp=quack_mlp.mlp)
     label = CudaBackend._kernel_labels(backend, model, "x", None, "y")["mlp"]
     assert label.startswith("quack ") and label.endswith("default tiles)")
-    model = tt.build_model(_recipe(), 97, T, mlp=functools.partial(quack_mlp.mlp, tuned=True))
+    model = tt.build_model(recipe_of(TINY), 97, T, mlp=functools.partial(quack_mlp.mlp, tuned=True))
     assert CudaBackend._kernel_labels(backend, model, "x", None, "y")["mlp"].endswith("autotuned)")
 
 

@@ -15,10 +15,9 @@ import sys
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads, recipe_of
 from mlx_ar.backends import softcap_ce
 from mlx_ar.backends.cuda_backend import LOSS_ENV, CudaBackend, choose_loss, load_torch_file
-from mlx_ar.recipe import apply_recipe, parse_recipe
 
 T = 32
 CAP = 15.0
@@ -115,10 +114,6 @@ def test_cross_entropy_compiles_whole_and_matches_eager():
         torch.testing.assert_close(g, e)
 
 
-def _recipe():
-    return parse_recipe(apply_recipe((ROOT / "train.py").read_text(), TINY))
-
-
 def test_model_trains_through_the_kernel_and_evaluates_without_it():
     tt = load_torch_file(ROOT / "train_torch.py")
     calls = []
@@ -130,7 +125,7 @@ def test_model_trains_through_the_kernel_and_evaluates_without_it():
     models = []
     for loss in (None, counted):
         torch.manual_seed(0)
-        models.append(tt.build_model(_recipe(), 97, T, loss=loss))
+        models.append(tt.build_model(recipe_of(TINY), 97, T, loss=loss))
     assert models[1].loss_kernel is counted
     assert_same_loss_and_grads(models, 97, T)
     assert len(calls) == 1                                 # the training loss ran through the kernel
@@ -150,7 +145,7 @@ def test_fast_loss_false_in_train_torch_declines_the_kernel():
     tt = load_torch_file(ROOT / "train_torch.py")
     assert tt.FAST_LOSS is True
     tt.FAST_LOSS = False
-    model = tt.build_model(_recipe(), 97, T, loss=softcap_ce.cross_entropy)
+    model = tt.build_model(recipe_of(TINY), 97, T, loss=softcap_ce.cross_entropy)
     assert model.loss_kernel is None
     backend = SimpleNamespace(on_gpu=True)
     labels = CudaBackend._kernel_labels(backend, model, "x", "y", None)            # offered, declined
@@ -158,7 +153,7 @@ def test_fast_loss_false_in_train_torch_declines_the_kernel():
     labels = CudaBackend._kernel_labels(backend, model, "x", "y", "triton is not installed")
     assert labels["loss"] == "torch (triton not used: triton is not installed)"
     tt.FAST_LOSS = True
-    model = tt.build_model(_recipe(), 97, T, loss=softcap_ce.cross_entropy)
+    model = tt.build_model(recipe_of(TINY), 97, T, loss=softcap_ce.cross_entropy)
     label = CudaBackend._kernel_labels(backend, model, "x", "y", None)["loss"]
     assert label.startswith("triton ") and label.endswith("(soft-capped cross-entropy and its gradient in one pass)")
 
