@@ -26,8 +26,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from _train_utils import ROOT, TINY, TRAIN_PY, load_train, recipe_of
 from mlx_ar.backends import get_backend
-from mlx_ar.backends.cuda_backend import (COMPILE_ENV, GRAPH_ENV, CudaBackend, GraphedStep, default_compile_mode,
-                                          graph_wanted, load_numpy_weights, load_torch_file, numpy_weights)
+from mlx_ar.backends.cuda_backend import (COMPILE_ENV, GRAPH_ENV, INDUCTOR_OPTIONS, KERNEL_MODULES, CudaBackend,
+                                          GraphedStep, compile_cache_tag, default_compile_mode,
+                                          graph_wanted, load_numpy_weights, load_torch_file, numpy_weights,
+                                          with_inductor_options)
 from mlx_ar.backends.surface import EXECUTED, MUTABLE_FILES, inert_changes, refuse_reason
 from mlx_ar.recipe import apply_recipe, parse_recipe
 
@@ -396,6 +398,29 @@ def test_compiled_steps_do_not_recompile_after_the_first(t, mode):
     assert counters["stats"]["unique_graphs"] == graphs
     eager.set_hyper(*hyper[0])
     assert abs(first - eager.loss_value(eager.step(x, y))) < 1e-3
+    assert compile_cache_tag("") in torch.compiler.config.cache_key_tag.split("+")
+
+
+def test_inductor_options_join_the_compile_arguments_for_inductor_only(t):
+    assert with_inductor_options({}) == {"options": INDUCTOR_OPTIONS}
+    assert with_inductor_options({"backend": "aot_eager"}) == {"backend": "aot_eager"}
+    mine = with_inductor_options({"options": {"max_autotune": True, "triton.autotune_pointwise": True}})
+    assert mine == {"options": {"triton.autotune_pointwise": True, "max_autotune": True}}   # the caller's word wins
+    torch.compile(lambda x: x, **with_inductor_options({}))             # torch checks the option names
+    assert CudaBackend(vars(t)).compile_options == {"options": INDUCTOR_OPTIONS}
+
+
+def test_compile_cache_tag_hashes_the_kernel_modules_and_keeps_a_users_tag(tmp_path):
+    for name in KERNEL_MODULES:
+        (tmp_path / name).write_text(f"# {name}\n")
+    ours = compile_cache_tag("", tmp_path)
+    assert ours.startswith("mlx_ar-") and "+" not in ours
+    assert compile_cache_tag(ours, tmp_path) == ours                  # building twice adds nothing
+    assert compile_cache_tag("team-a", tmp_path) == f"team-a+{ours}"
+    assert compile_cache_tag(f"team-a+{ours}", tmp_path) == f"team-a+{ours}"
+    (tmp_path / KERNEL_MODULES[-1]).write_text("# a changed backward\n")
+    assert compile_cache_tag("", tmp_path) != ours                   # a change retires cached graphs
+    assert compile_cache_tag("") != ours                              # the package's own modules are hashed
 
 
 def test_compile_mode_choice(monkeypatch, t):

@@ -114,6 +114,44 @@ def test_cross_entropy_compiles_whole_and_matches_eager():
         torch.testing.assert_close(g, e)
 
 
+def _dynamo_graph(fn, *args):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
+    return graphs[0]
+
+
+def test_cross_entropy_leaves_the_compiled_graph_cacheable():
+    """AOTAutograd's on-disk cache skips a graph holding a torch.autograd.Function, so every run
+    would trace the model again; the op's registered backward keeps it cacheable."""
+    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_node_safe
+
+    h, w, targets = _leaves(2)
+    h.requires_grad_(), w.requires_grad_()
+    graph = _dynamo_graph(lambda a, b, t: softcap_ce.cross_entropy(a, b, t, CAP), h, w, targets)
+    for node in graph.graph.nodes:
+        check_node_safe(node)
+
+    class Function(torch.autograd.Function):           # the control: what the cache refuses
+        @staticmethod
+        def forward(ctx, a, b):
+            return (a @ b.T).float().mean()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None, None
+
+    graph = _dynamo_graph(lambda a, b: Function.apply(a, b), h, w)
+    with pytest.raises(BypassAOTAutogradCache, match="autograd_function_apply"):
+        for node in graph.graph.nodes:
+            check_node_safe(node)
+
+
 def test_model_trains_through_the_kernel_and_evaluates_without_it():
     tt = load_torch_file(ROOT / "train_torch.py")
     calls = []

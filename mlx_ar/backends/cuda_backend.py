@@ -40,12 +40,17 @@ Choices, and why:
   otherwise two compiled passes. `MLX_AR_LOSS` overrides it (`auto`, `triton`, `torch`), and
   train_torch.py may decline it (FAST_LOSS = False). Recorded as versions -> loss.
 - Evaluation runs eagerly (SDPA, or FA4's forward where chosen), so it compiles nothing new.
+- Start-up: torch.compile's graphs and FA4's and quack's kernels are cached on disk, so a later
+  run of the same model code skips their compiles (at the karpathy config on an H100: a 9-10 s
+  first step against 67-79 s on a fresh machine). Inductor runs with INDUCTOR_OPTIONS, and the
+  cache-key tag carries a hash of the kernel modules (compile_cache_tag).
 
     backend = CudaBackend(train_globals)
     backend.build(recipe, vocab_size, seq_len, seed)
     loss = backend.loss_value(backend.step(inputs, targets))
 """
 import functools
+import hashlib
 import importlib.util
 import itertools
 import os
@@ -67,6 +72,12 @@ QUACK_TUNE_ENV = "MLX_AR_QUACK_TUNE"
 QUACK_TUNING_CACHE_ENV = "QUACK_CACHE_AUTOTUNING"
 GRAPH_ENV = "MLX_AR_CUDA_GRAPH"
 LOSS_ENV = "MLX_AR_LOSS"
+# Inductor settings for every compiled graph. One launch configuration per pointwise kernel: trying
+# several on a kernel's first call took 6-7 s of every start-up (the tuned choice was not reloaded
+# when the whole compiled model came from the cache), and the chosen ones ran no faster.
+INDUCTOR_OPTIONS = {"triton.autotune_pointwise": False}
+# The modules whose custom ops a compiled model calls (their registered backwards included).
+KERNEL_MODULES = ("fa4.py", "quack_mlp.py", "quack_drelu2.py", "softcap_ce.py", "softcap_ce_triton.py")
 
 _module_ids = itertools.count()
 
@@ -90,6 +101,28 @@ def graph_wanted(on_gpu: bool, compile_mode: str, env=os.environ) -> bool:
     """Record the step as a CUDA graph? On a GPU with a compiled model, unless MLX_AR_CUDA_GRAPH=0."""
     flag = env_switch(GRAPH_ENV, ("0", "1"), "use 1 (record the step as a CUDA graph) or 0 (do not)", env)
     return on_gpu and compile_mode != "none" and flag != "0"
+
+
+def with_inductor_options(compile_options: dict) -> dict:
+    """torch.compile arguments with INDUCTOR_OPTIONS added when the compiler is inductor (the default)."""
+    if compile_options.get("backend", "inductor") != "inductor":
+        return dict(compile_options)
+    return {**compile_options, "options": {**INDUCTOR_OPTIONS, **compile_options.get("options", {})}}
+
+
+def compile_cache_tag(current: str, folder=Path(__file__).parent, modules=KERNEL_MODULES) -> str:
+    """torch.compile's cache-key tag: `current` (a user's TORCH_COMPILE_CACHE_KEY_TAG) plus a hash of
+    the kernel modules' source.
+
+    torch's caches know a custom op by its name, so a graph cached by an older version of these
+    modules would replay that version's saved tensors and backward; the hash retires it.
+    """
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(name.encode() + b"\0" + (Path(folder) / name).read_bytes())
+    ours = f"mlx_ar-{digest.hexdigest()[:16]}"
+    parts = [p for p in current.split("+") if p]
+    return current if ours in parts else "+".join(parts + [ours])
 
 
 def record_cuda_graph(torch, fn):
@@ -303,7 +336,7 @@ class CudaBackend:
         self.compile_mode = compile_mode or default_compile_mode(self.on_gpu)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        self.compile_options = dict(compile_options or {})
+        self.compile_options = with_inductor_options(compile_options or {})
         self.warmup_steps = 1
         self.num_params = 0
         self.flops_per_token = 0.0
@@ -354,6 +387,7 @@ class CudaBackend:
                 block.compile(**options)
             model.head_loss = torch.compile(model.head_loss, **options)
         if self.compile_mode != "none":
+            torch.compiler.config.cache_key_tag = compile_cache_tag(torch.compiler.config.cache_key_tag)
             optimizer.compile(**self.compile_options)
         self.graphed, self._steps = None, 0
         if graph_wanted(self.on_gpu, self.compile_mode):

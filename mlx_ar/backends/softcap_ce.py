@@ -12,7 +12,8 @@ the backward applies it to the small results of its two matmuls, never to the gr
     loss = cross_entropy(h, w, targets, cap)  # h (..., d) bf16, w (V, d), targets (...) int -> float32 mean
 
 The kernel is the torch custom op `mlx_ar::softcap_ce` (Triton on a GPU, the same math in torch
-elsewhere), so torch.compile and CUDA graphs keep it whole. The cuda backend hands
+elsewhere), called with its matmul by `mlx_ar::linear_softcap_ce`, whose backward is registered
+with the op; torch.compile and CUDA graphs keep both whole. The cuda backend hands
 `cross_entropy` to the model where Triton runs; the model uses it for the mean training loss only
 (evaluation needs per-token losses and no gradient, and keeps the plain head).
 """
@@ -69,23 +70,42 @@ def _(z, targets, cap):
     return z.new_empty(z.size(0), dtype=torch.float32), torch.empty_like(z)
 
 
-class _LinearSoftcapCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, w, targets, cap):
-        loss, dz = torch.ops.mlx_ar.softcap_ce(h @ w.T, targets, cap)
-        ctx.save_for_backward(h, w, dz)
-        return loss.mean()
+@torch.library.custom_op("mlx_ar::linear_softcap_ce", mutates_args=())
+def linear_softcap_ce(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
+                      cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (M, d), w (V, d), targets (M,) -> (mean loss (float32 scalar), dloss_token/dz (M, V)).
 
-    @staticmethod
-    def backward(ctx, grad):
-        h, w, dz = ctx.saved_tensors
-        # The mean's gradient is the same for every token: scale the matmuls' results, not dz.
-        scale = grad.float() / dz.size(0)
-        dh = ((dz @ w).float() * scale).to(h.dtype)
-        dw = ((dz.T @ h).float() * scale).to(w.dtype)
-        return dh, dw, None, None
+    The logits z = h @ w.T live only inside the op; the gradient (not scaled by 1/M) is kept
+    for the backward.
+    """
+    loss, dz = torch.ops.mlx_ar.softcap_ce(h @ w.T, targets, cap)
+    return loss.mean(), dz
+
+
+@linear_softcap_ce.register_fake
+def _(h, w, targets, cap):
+    return h.new_empty((), dtype=torch.float32), h.new_empty((h.size(0), w.size(0)))
+
+
+def _setup_context(ctx, inputs, output):
+    h, w, _, _ = inputs
+    ctx.save_for_backward(h, w, output[1])
+
+
+def _backward(ctx, grad, grad_dz):
+    h, w, dz = ctx.saved_tensors
+    # The mean's gradient is the same for every token: scale the matmuls' results, not dz.
+    scale = grad.float() / dz.size(0)
+    dh = ((dz @ w).float() * scale).to(h.dtype)
+    dw = ((dz.T @ h).float() * scale).to(w.dtype)
+    return dh, dw, None, None
+
+
+# A registered backward (not a torch.autograd.Function) lets torch.compile's AOTAutograd cache
+# keep the compiled model: a Function in the graph makes every run trace it again (~5 s).
+linear_softcap_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cross_entropy(h, w, targets, cap: float):
     """Mean cross-entropy (float32 scalar) over all tokens of the soft-capped logits h @ w.T."""
-    return _LinearSoftcapCE.apply(h.reshape(-1, h.size(-1)), w, targets.reshape(-1), float(cap))
+    return torch.ops.mlx_ar.linear_softcap_ce(h.reshape(-1, h.size(-1)), w, targets.reshape(-1), float(cap))[0]
