@@ -22,6 +22,28 @@ def load_train(overrides=None):
     return _load(TRAIN_PY, overrides)
 
 
+def model_pair(tt, vocab_size: int, seq_len: int, **kernel):
+    """Two tiny torch GPTs (train_torch module `tt`) from the same seed: the plain one, and one
+    built with `kernel` (attention=, mlp= or loss=)."""
+    import torch
+
+    models = []
+    for given in ({}, kernel):
+        torch.manual_seed(0)
+        models.append(tt.build_model(recipe_of(TINY), vocab_size, seq_len, **given))
+    return models
+
+
+def counting(fn):
+    """fn, wrapped to count its calls in `.calls`."""
+    def counted(*args, **kwargs):
+        counted.calls += 1
+        return fn(*args, **kwargs)
+
+    counted.calls = 0
+    return counted
+
+
 def assert_same_loss_and_grads(models, vocab_size: int, seq_len: int):
     """Two torch GPTs give the same loss and gradients on one random batch (bf16 tolerances)."""
     import numpy as np

@@ -9,7 +9,7 @@ gpu-marked test compares the real kernels with SDPA where FA4 runs.
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, recipe_of
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads, model_pair, recipe_of
 from mlx_ar.backends import fa4
 from mlx_ar.backends.cuda_backend import ATTENTION_ENV, choose_attention, load_torch_file
 
@@ -133,11 +133,7 @@ def test_ops_compile_whole_and_match_eager(cpu_kernels):
 
 def test_model_with_the_fa4_kernel_matches_its_own_kernels(cpu_kernels):
     tt = load_torch_file(ROOT / "train_torch.py")
-    recipe = recipe_of(TINY)
-    models = []
-    for attention in (None, fa4.attention):
-        torch.manual_seed(0)
-        models.append(tt.build_model(recipe, 97, T, attention=attention))
+    models = model_pair(tt, 97, T, attention=fa4.attention)
     assert models[1].masks.kernel is fa4.attention and models[1].masks.block_masks is None
     assert_same_loss_and_grads(models, 97, T)
 

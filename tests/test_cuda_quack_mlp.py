@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, recipe_of
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, model_pair, recipe_of
 from mlx_ar.backends import quack_mlp
 from mlx_ar.backends.cuda_backend import (MLP_ENV, QUACK_TUNE_ENV, CudaBackend, choose_mlp, load_torch_file,
                                           quack_tuning_wanted)
@@ -155,16 +155,8 @@ def test_ops_compile_whole_and_match_eager(cpu_kernels):
 
 def test_model_with_the_fused_mlp_matches_its_own_mlp(cpu_kernels):
     tt = load_torch_file(ROOT / "train_torch.py")
-    calls = []
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return quack_mlp.mlp(*args)
-
-    models = []
-    for mlp in (None, counted):
-        torch.manual_seed(0)
-        models.append(tt.build_model(recipe_of(TINY), 97, T, mlp=mlp))
+    counted = counting(quack_mlp.mlp)
+    models = model_pair(tt, 97, T, mlp=counted)
     assert all(b.mlp.kernel is counted for b in models[1].blocks)
     # The output projections start at zero: give them weights, or the MLPs' inputs get no gradient.
     for m in models:
@@ -173,7 +165,7 @@ def test_model_with_the_fused_mlp_matches_its_own_mlp(cpu_kernels):
             for b in m.blocks:
                 b.mlp.c_proj.weight.normal_(0, 0.05)
     assert_same_loss_and_grads(models, 97, T)
-    assert len(calls) == TINY["DEPTH"]                     # every layer's MLP ran through the ops
+    assert counted.calls == TINY["DEPTH"]                  # every layer's MLP ran through the ops
 
 
 def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, recipe_of
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, model_pair, recipe_of
 from mlx_ar.backends import softcap_ce
 from mlx_ar.backends.cuda_backend import LOSS_ENV, CudaBackend, choose_loss, load_torch_file
 
@@ -154,26 +154,18 @@ def test_cross_entropy_leaves_the_compiled_graph_cacheable():
 
 def test_model_trains_through_the_kernel_and_evaluates_without_it():
     tt = load_torch_file(ROOT / "train_torch.py")
-    calls = []
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return softcap_ce.cross_entropy(*args)
-
-    models = []
-    for loss in (None, counted):
-        torch.manual_seed(0)
-        models.append(tt.build_model(recipe_of(TINY), 97, T, loss=loss))
+    counted = counting(softcap_ce.cross_entropy)
+    models = model_pair(tt, 97, T, loss=counted)
     assert models[1].loss_kernel is counted
     assert_same_loss_and_grads(models, 97, T)
-    assert len(calls) == 1                                 # the training loss ran through the kernel
+    assert counted.calls == 1                              # the training loss ran through the kernel
     x = torch.randint(0, 97, (2, T))
     with torch.no_grad():
         per_token = [m.token_losses(x, x) for m in models]
-    assert len(calls) == 1                                 # evaluation did not
+    assert counted.calls == 1                              # evaluation did not
     torch.testing.assert_close(per_token[1], per_token[0])
     models[1](x, x, reduction="none").sum().backward()
-    assert len(calls) == 1                                 # nor per-token losses with gradients
+    assert counted.calls == 1                              # nor per-token losses with gradients
 
 
 def test_fast_loss_false_in_train_torch_declines_the_kernel():
