@@ -61,6 +61,7 @@ from pathlib import Path
 import numpy as np
 
 from ..harness import hardware
+from . import compile_ahead
 
 TORCH_FILE = "train_torch.py"      # the torch model file, next to train.py
 COMPILE_ENV = "MLX_AR_TORCH_COMPILE"
@@ -101,6 +102,14 @@ def default_compile_mode(on_gpu: bool, env=os.environ) -> str:
 def graph_wanted(on_gpu: bool, compile_mode: str, env=os.environ) -> bool:
     """Record the step as a CUDA graph? On a GPU with a compiled model, unless MLX_AR_CUDA_GRAPH=0."""
     flag = env_switch(GRAPH_ENV, ("0", "1"), "use 1 (record the step as a CUDA graph) or 0 (do not)", env)
+    return on_gpu and compile_mode != "none" and flag != "0"
+
+
+def compile_ahead_wanted(on_gpu: bool, compile_mode: str, env=os.environ) -> bool:
+    """Compile kernels and the optimizer in helper processes (compile_ahead.py)? On a GPU with a
+    compiled model, unless MLX_AR_COMPILE_AHEAD=0."""
+    flag = env_switch(compile_ahead.ENV, ("0", "1"),
+                      "use 1 (compile kernels and the optimizer in helper processes) or 0 (do not)", env)
     return on_gpu and compile_mode != "none" and flag != "0"
 
 
@@ -337,6 +346,7 @@ class CudaBackend:
         self.compile_mode = compile_mode or default_compile_mode(self.on_gpu)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        self.user_compile_options = dict(compile_options or {})   # what compile-ahead helpers are given
         self.compile_options = with_inductor_options(compile_options or {})
         self.warmup_steps = 1
         self.num_params = 0
@@ -391,9 +401,46 @@ class CudaBackend:
             torch.compiler.config.cache_key_tag = compile_cache_tag(torch.compiler.config.cache_key_tag)
             optimizer.compile(**self.compile_options)
         self.graphed, self._steps = None, 0
+        self._ahead_keys = {}
+        if compile_ahead_wanted(self.on_gpu, self.compile_mode):
+            self._start_helpers(recipe, vocab_size, seq_len, seed)
         if graph_wanted(self.on_gpu, self.compile_mode):
             self.graphed = GraphedStep(torch, self._run_step, lambda fn: record_cuda_graph(torch, fn))
             self.warmup_steps = 2          # step 1 compiles, step 2 records the graph
+
+    def compile_ahead_keys(self) -> dict:
+        """{job: key} for the built model: what each compile-ahead job's compiled code depends on.
+
+        Kernel jobs: the kernels chosen (versions included), the model's config and the kernel
+        modules (in the cache tag). The optimizer: its code in train_torch.py (code_fingerprint),
+        the parameters' shapes and the optimizer's constants. A key that misses a change only
+        costs time: this process then compiles what it finds missing from the caches.
+        """
+        torch = self.torch
+        common = (torch.__version__, self.device_name(), torch.compiler.config.cache_key_tag)
+        keys = {}
+        for job, families in compile_ahead.KERNEL_JOBS.items():
+            used = [self.kernels[f] for f in families if not self.kernels.get(f, "torch").startswith("torch")]
+            if used:
+                keys[job] = compile_ahead.key(job, common, used, repr(self.model.cfg),
+                                              os.environ.get(QUACK_TUNE_ENV, ""))
+        shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.model.named_parameters()]
+        code = compile_ahead.code_fingerprint(self.tt, [type(self.optimizer)])
+        keys["optimizer"] = compile_ahead.key("optimizer", common, code, shapes,
+                                              repr(getattr(self.optimizer, "cfg", None)),
+                                              repr(self.user_compile_options))
+        return keys
+
+    def _start_helpers(self, recipe: dict, vocab_size: int, seq_len: int, seed: int) -> None:
+        """Start a compile-ahead helper for each job whose pieces are not known to be cached."""
+        self._ahead_keys = self.compile_ahead_keys()
+        jobs = compile_ahead.plan(self._ahead_keys, compile_ahead.stamp_dir())
+        if not jobs:
+            return
+        spec = {"train_file": str(self.train_file), "recipe": recipe, "vocab_size": vocab_size,
+                "seq_len": seq_len, "seed": seed, "compile_options": self.user_compile_options}
+        compile_ahead.start(jobs, spec)
+        print(f"compile-ahead: {', '.join(jobs)} compiling in helper processes", file=sys.stderr, flush=True)
 
     def _attention_kernel(self, head_dim: int):
         """(FA4's attention function, None) where it is chosen, else (None, why not).
@@ -484,6 +531,7 @@ class CudaBackend:
             loss = self._loss(x, y)
             (loss / n).backward()
             total = loss.detach() if total is None else total + loss.detach()
+        compile_ahead.wait()               # the first update finds the helper's compiled code cached
         self.optimizer.step()
         self.optimizer.zero_grad()
         if loss_out is None:
@@ -498,7 +546,20 @@ class CudaBackend:
         if self.graphed is not None and self._steps > 1:   # the first step compiles, eagerly launched
             return self._handle(self.graphed(xs, ys))
         # A fresh tensor per micro-batch (not a view at an offset) keeps compiled-graph guards stable.
-        return self._handle(self._run_step([x.long() for x in xs], [y.long() for y in ys]))
+        xs, ys = [x.long() for x in xs], [y.long() for y in ys]
+        if self._steps > 1:
+            return self._handle(self._run_step(xs, ys))
+        loss = compile_ahead.retry_out_of_memory(lambda: self._run_step(xs, ys), self._reset_first_step,
+                                                 self.torch.OutOfMemoryError)
+        if self._ahead_keys:
+            compile_ahead.mark_done(self._ahead_keys, compile_ahead.stamp_dir())
+        return self._handle(loss)
+
+    def _reset_first_step(self):
+        """Before running a first step again: no gradients, and the memory of the failed try handed back."""
+        self.optimizer.zero_grad()
+        if self.on_gpu:
+            self.torch.cuda.empty_cache()
 
     def _handle(self, loss):
         """On a GPU: the loss copied to pinned host memory behind the step, and an event after the copy.

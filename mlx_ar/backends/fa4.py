@@ -17,7 +17,7 @@ import importlib.util
 
 import torch
 
-from . import packages
+from . import compile_ahead, packages
 
 MIN_CAPABILITY = 9                 # the sm90 (Hopper) and sm100 kernels; older GPUs use torch's kernels
 PACKAGE = "flash-attn-4"
@@ -58,6 +58,7 @@ def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int,
     """Causal attention over the `left` keys before each query (-1: all); returns (out, lse (B, H, T))."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
+    compile_ahead.wait_kernels()   # a helper may be compiling these kernels (compile_ahead.py)
     out, lse = _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True,
                                window_size_left=None if left < 0 else left, window_size_right=0,
                                return_lse=True)[:2]

@@ -23,7 +23,7 @@ import importlib.util
 
 import torch
 
-from . import packages
+from . import compile_ahead, packages
 
 CAPABILITIES = (9, 10)             # quack's sm90 and sm100 GEMMs; other GPUs keep torch's kernels
 PACKAGE = "quack-kernels"
@@ -62,6 +62,7 @@ def relu2_mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
     """
     from quack.gemm_interface import gemm_act
 
+    compile_ahead.wait_kernels()   # a helper may be compiling these kernels (compile_ahead.py)
     act = gemm_act(x, w_fc.T, activation=ACTIVATION, store_preact=False, tuned=tuned)[1]
     return act @ w_proj.T, act
 

@@ -1,0 +1,295 @@
+"""compile_ahead.py: helper processes that compile kernels and the optimizer while the model compiles.
+
+On the CPU: a helper's success, failure and time limit; which helpers each gate waits for; the
+stamps and keys that decide whether helpers start at all; the retry of a first step that runs
+out of memory while a helper holds some; the jobs themselves (in this process, and one in a
+fresh process through the module's entry point); the loss op's gate. The speed-up itself is
+measured on a GPU (the closing note of #4), not asserted here.
+"""
+import io
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from _train_utils import TINY, TRAIN_PY, recipe_of
+from mlx_ar.backends import compile_ahead
+from mlx_ar.backends.cuda_backend import CudaBackend, compile_ahead_wanted, load_torch_file
+
+V, T = 97, 32
+
+
+@pytest.fixture(autouse=True)
+def no_helpers_left(monkeypatch):
+    """Each test starts and ends with no registered helpers (a fresh registry per test)."""
+    monkeypatch.setattr(compile_ahead, "_running", [])
+    monkeypatch.setattr(compile_ahead, "_spec_files", [])
+
+
+def spec(**extra):
+    return {"train_file": str(TRAIN_PY), "recipe": recipe_of(TINY), "vocab_size": V, "seq_len": T, "seed": 0,
+            **extra}
+
+
+class FakeProc:
+    """A finished helper process: writes `output` to its log and exits with `code`."""
+
+    def __init__(self, argv, stdout, code=0, output="", **kw):
+        self.argv, self.env, self.code = argv, kw.get("env"), code
+        stdout.write(output.encode())
+        stdout.flush()
+        self.waited = False
+
+    def wait(self, timeout=None):
+        self.waited = True
+        return self.code
+
+    def poll(self):
+        return self.code
+
+    def kill(self):
+        pass
+
+
+# --- one helper -------------------------------------------------------------------------------
+def test_a_helper_reports_its_result_or_why_it_failed_or_ran_out_of_time(tmp_path):
+    ok = compile_ahead.Helper("optimizer", [sys.executable, "-c", 'print("compiling"); print(\'{"ready_seconds": 1.5}\')'],
+                              log_dir=tmp_path)
+    assert ok.wait(60) is None and ok.report == {"ready_seconds": 1.5}
+    assert not list(tmp_path.glob("*.log"))                     # a clean helper leaves no log
+
+    bad = compile_ahead.Helper("attention", [sys.executable, "-c", 'print("kernel compile failed"); raise SystemExit(3)'],
+                               log_dir=tmp_path)
+    why = bad.wait(60)
+    assert "exited with code 3" in why and "kernel compile failed" in why
+    assert list(tmp_path.glob("*attention*.log"))                # kept for the user, named in `why`
+
+    slow = compile_ahead.Helper("mlp+loss", [sys.executable, "-c", "import time; time.sleep(60)"], log_dir=tmp_path)
+    why = slow.wait(0.5)
+    assert why.startswith("no result after") and slow.proc.poll() is not None   # stopped, not left behind
+
+
+def test_the_last_output_line_is_the_report():
+    assert compile_ahead._last_json('noise\n{"job": "optimizer", "seconds": 2.0}\n') == {"job": "optimizer",
+                                                                                           "seconds": 2.0}
+    assert compile_ahead._last_json("no json here") == {}
+    assert compile_ahead._last_json("") == {}
+    assert compile_ahead._last_json("[1, 2]") == {}
+
+
+# --- the gates ---------------------------------------------------------------------------------
+def test_kernel_launches_wait_for_kernel_helpers_and_the_update_for_all(tmp_path):
+    procs = {}
+
+    def popen(argv, stdout, **kw):
+        job = argv[-2]
+        code = 5 if job == "mlp+loss" else 0
+        procs[job] = FakeProc(argv, stdout, code=code, output=json.dumps({"ready_seconds": 2.5}), **kw)
+        return procs[job]
+
+    env = {"MLX_AR_MLP": "quack", "PATH": "/bin"}
+    helpers = compile_ahead.start(["attention", "mlp+loss", "optimizer"], spec(), env=env, log_dir=tmp_path,
+                                  popen=popen)
+    assert [h.job for h in helpers] == ["attention", "mlp+loss", "optimizer"]
+    argv = procs["optimizer"].argv
+    assert argv[:3] == [sys.executable, "-m", "mlx_ar.backends.compile_ahead"] and argv[3] == "optimizer"
+    with open(argv[4], "rb") as f:               # every helper reads the same pickled spec
+        import pickle
+        given = pickle.load(f)
+    assert given["recipe"] == recipe_of(TINY) and given["started"] > 0
+    # each helper compiles its own kernels only, and starts no helpers of its own
+    assert procs["attention"].env == {**env, "MLX_AR_MLP": "torch", "MLX_AR_LOSS": "torch", compile_ahead.ENV: "0"}
+    assert procs["mlp+loss"].env == {**env, "MLX_AR_ATTENTION": "torch", compile_ahead.ENV: "0"}
+    assert procs["optimizer"].env["MLX_AR_MLP"] == "torch" and procs["optimizer"].env["MLX_AR_ATTENTION"] == "torch"
+
+    out = io.StringIO()
+    waited = compile_ahead.wait(compile_ahead.KERNEL_JOBS, out=out)
+    assert [h.job for h in waited] == ["attention", "mlp+loss"]
+    assert compile_ahead.running() and not procs["optimizer"].waited
+    text = out.getvalue()
+    assert "compile-ahead mlp+loss: exited with code 5" in text and "compiles it instead" in text
+    assert "ready after attention 2.5 s" in text
+    assert (tmp_path / argv[4]).exists()          # the optimizer helper has not been waited for yet
+
+    compile_ahead.wait_kernels()                  # nothing left for the kernel gate: returns at once
+    assert compile_ahead.wait(out=out)[0].job == "optimizer" and procs["optimizer"].waited
+    assert not compile_ahead.running() and not (tmp_path / argv[4]).exists()
+    assert compile_ahead.wait(out=out) == []
+
+
+def test_no_jobs_start_nothing(tmp_path):
+    assert compile_ahead.start([], spec(), log_dir=tmp_path, popen=None) == []
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_loss_op_waits_for_kernel_helpers_before_its_first_launch(monkeypatch):
+    from mlx_ar.backends import softcap_ce
+
+    waits = []
+    monkeypatch.setattr(compile_ahead, "wait", lambda jobs=compile_ahead.JOBS, **kw: waits.append(tuple(jobs)))
+    h, w = torch.randn(6, 8), torch.randn(11, 8)
+    targets = torch.randint(0, 11, (6,))
+    softcap_ce.cross_entropy(h, w, targets, 15.0)
+    assert waits == []                            # nothing running: no wait
+    monkeypatch.setattr(compile_ahead, "_running", ["a helper"])
+    softcap_ce.cross_entropy(h, w, targets, 15.0)
+    assert waits == [tuple(compile_ahead.KERNEL_JOBS)]
+
+
+# --- whether helpers start ---------------------------------------------------------------------
+def test_stamps_say_which_jobs_still_need_a_helper(tmp_path):
+    keys = {"attention": "k1", "optimizer": "k2"}
+    assert compile_ahead.plan(keys, tmp_path / "stamps") == keys
+    compile_ahead.mark_done(keys, tmp_path / "stamps")
+    assert compile_ahead.plan(keys, tmp_path / "stamps") == {}
+    assert compile_ahead.plan({"attention": "k1", "optimizer": "k3"}, tmp_path / "stamps") == {"optimizer": "k3"}
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    compile_ahead.mark_done(keys, blocker / "stamps")   # cannot be written: skipped, not an error
+
+
+def test_compile_ahead_wanted_on_a_gpu_with_a_compiled_model_unless_switched_off():
+    assert compile_ahead_wanted(True, "model", env={})
+    assert compile_ahead_wanted(True, "blocks", env={compile_ahead.ENV: "1"})
+    assert not compile_ahead_wanted(True, "model", env={compile_ahead.ENV: "0"})
+    assert not compile_ahead_wanted(True, "none", env={})
+    assert not compile_ahead_wanted(False, "model", env={})
+    with pytest.raises(ValueError, match="MLX_AR_COMPILE_AHEAD='yes'"):
+        compile_ahead_wanted(True, "model", env={compile_ahead.ENV: "yes"})
+
+
+OPT_SRC = '''
+import functools
+SCALE = 2.0
+
+def helper(x):
+    return x * SCALE
+
+@functools.lru_cache
+def unrelated():
+    return 1
+
+def deco(f):
+    @functools.wraps(f)
+    def inner(*a):
+        return f(*a)
+    return inner
+
+@deco
+def update(x):
+    return helper(x) + 1
+
+class Opt:
+    def step(self, x):
+        return update(x)
+'''
+
+
+def test_code_fingerprint_follows_what_the_optimizer_uses_and_nothing_else(tmp_path):
+    def fingerprint(src, name):
+        path = tmp_path / f"{name}.py"
+        path.write_text(src)
+        m = load_torch_file(path)                 # as the backend loads train_torch.py
+        return compile_ahead.code_fingerprint(m, [m.Opt])
+
+    base = fingerprint(OPT_SRC, "m0")
+    assert fingerprint(OPT_SRC, "m1") == base                                       # stable across loads
+    assert fingerprint(OPT_SRC.replace("return 1", "return 2"), "m2") == base       # not used by Opt
+    assert fingerprint(OPT_SRC + "\n# a comment\n", "m3") == base
+    assert fingerprint(OPT_SRC.replace("SCALE = 2.0", "SCALE = 3.0"), "m4") != base  # a constant it reads
+    assert fingerprint(OPT_SRC.replace("x * SCALE", "x * SCALE * 1"), "m5") != base  # two calls deep
+    assert fingerprint(OPT_SRC.replace("helper(x) + 1", "helper(x) + 2"), "m6") != base  # behind a decorator
+
+
+def test_optimizer_key_ignores_learning_rates_but_not_what_the_update_bakes_in():
+    def keys(**overrides):
+        b = CudaBackend({"__file__": str(TRAIN_PY)}, compile_mode="none")
+        b.build(recipe_of({**TINY, **overrides}), V, T, seed=0)
+        return b.compile_ahead_keys()
+
+    base = keys()
+    assert set(base) == {"optimizer"}             # on the CPU no custom kernels, so no kernel jobs
+    assert keys(EMBEDDING_LR=0.3, WEIGHT_DECAY=0.1) == base   # 0-d tensors in the update, not constants
+    assert keys(NS_STEPS=3) != base               # the compiled update loops NS_STEPS times
+    assert keys(MATRIX_LR=0.01) != base
+    assert keys(DEPTH=3) != base                  # new parameter shapes
+
+
+def test_kernel_jobs_are_keyed_by_the_kernels_and_the_model_config():
+    b = CudaBackend({"__file__": str(TRAIN_PY)}, compile_mode="none")
+    b.build(recipe_of(TINY), V, T, seed=0)
+    b.kernels = {"attention": "fa4 4.0.0b36", "mlp": "torch", "loss": "triton 3.6.0 (...)"}
+    keys = b.compile_ahead_keys()
+    assert set(keys) == {"attention", "mlp+loss", "optimizer"}
+    b.kernels["attention"] = "fa4 4.0.0b37"
+    assert b.compile_ahead_keys()["attention"] != keys["attention"]
+    assert b.compile_ahead_keys()["mlp+loss"] == keys["mlp+loss"]
+    b.kernels["loss"] = "torch (triton not used: MLX_AR_LOSS=torch)"
+    assert "mlp+loss" not in b.compile_ahead_keys()
+
+
+def test_a_first_step_stamps_its_keys(tmp_path, monkeypatch):
+    monkeypatch.setattr(compile_ahead, "stamp_dir", lambda: tmp_path)
+    b = CudaBackend({"__file__": str(TRAIN_PY)}, compile_mode="none")
+    b.build(recipe_of(TINY), V, T, seed=0)
+    b._ahead_keys = b.compile_ahead_keys()        # as a GPU build would set them
+    x = np.random.default_rng(0).integers(0, V, (2, 1, 2, T)).astype(np.uint16)
+    b.loss_value(b.step(x[0], x[1]))
+    assert compile_ahead.plan(b._ahead_keys, tmp_path) == {}
+
+
+# --- a first step that runs out of memory while a helper holds some -----------------------------
+def test_out_of_memory_with_a_helper_running_waits_and_runs_again(monkeypatch):
+    calls, resets, waits = [], [], []
+
+    def run():
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("out of memory")
+        return "loss"
+
+    monkeypatch.setattr(compile_ahead, "_running", ["the optimizer helper"])
+    monkeypatch.setattr(compile_ahead, "wait", lambda *a, **k: (waits.append(1), compile_ahead._running.clear()))
+    assert compile_ahead.retry_out_of_memory(run, lambda: resets.append(1)) == "loss"
+    assert (len(calls), resets, waits) == (2, [1], [1])
+
+    calls.clear()
+    with pytest.raises(MemoryError):              # no helper running: the step really does not fit
+        compile_ahead.retry_out_of_memory(run, lambda: resets.append(1))
+    assert len(calls) == 1 and resets == [1]
+
+
+# --- the jobs ----------------------------------------------------------------------------------
+def test_jobs_run_the_kernels_and_compile_the_optimizer():
+    graphs = []
+
+    def recording(gm, example_inputs):            # a compiler that records what it was given
+        graphs.append(gm)
+        return gm.forward
+
+    done = compile_ahead.run_job("optimizer", spec(compile_options={"backend": recording}))
+    assert done["job"] == "optimizer" and graphs, "the optimizer update was not compiled"
+    for job in compile_ahead.KERNEL_JOBS:
+        done = compile_ahead.run_job(job, spec())
+        assert done["job"] == job and math.isfinite(done["loss"]) and done["loss"] > 0
+    assert "ready_seconds" in compile_ahead.run_job("mlp+loss", spec(started=0.0))
+    with pytest.raises(ValueError, match="unknown compile-ahead job 'bogus'"):
+        compile_ahead.run_job("bogus", spec())
+
+
+def test_a_helper_process_runs_a_job_through_the_entry_point(tmp_path):
+    out = io.StringIO()
+    helpers = compile_ahead.start(["optimizer"], spec(compile_options={"backend": "aot_eager"}), log_dir=tmp_path)
+    assert compile_ahead.wait(out=out) == helpers
+    assert "ready after optimizer" in out.getvalue(), out.getvalue()
+    assert helpers[0].report["job"] == "optimizer" and helpers[0].report["ready_seconds"] > 0
+    assert not list(tmp_path.iterdir())           # spec and log removed
+
+
+def test_the_entry_point_needs_a_job_and_a_spec():
+    r = subprocess.run([sys.executable, "-m", "mlx_ar.backends.compile_ahead"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
