@@ -205,14 +205,17 @@ def test_code_fingerprint_follows_what_the_optimizer_uses_and_nothing_else(tmp_p
     assert fingerprint(OPT_SRC.replace("helper(x) + 1", "helper(x) + 2"), "m6") != base  # behind a decorator
 
 
-def test_optimizer_key_ignores_learning_rates_but_not_what_the_update_bakes_in():
+def test_optimizer_key_ignores_learning_rates_but_not_what_the_update_bakes_in(monkeypatch):
+    for switch in compile_ahead.SWITCHES.values():
+        monkeypatch.setenv(switch, "torch")      # no custom kernels, so no kernel jobs, on any machine
+
     def keys(**overrides):
         b = CudaBackend({"__file__": str(TRAIN_PY)}, compile_mode="none")
         b.build(recipe_of({**TINY, **overrides}), V, T, seed=0)
         return b.compile_ahead_keys()
 
     base = keys()
-    assert set(base) == {"optimizer"}             # on the CPU no custom kernels, so no kernel jobs
+    assert set(base) == {"optimizer"}
     assert keys(EMBEDDING_LR=0.3, WEIGHT_DECAY=0.1) == base   # 0-d tensors in the update, not constants
     assert keys(NS_STEPS=3) != base               # the compiled update loops NS_STEPS times
     assert keys(MATRIX_LR=0.01) != base

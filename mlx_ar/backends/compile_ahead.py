@@ -293,6 +293,7 @@ def run_job(job: str, spec: dict) -> dict:
     mode = "model" if job == "optimizer" else "none"
     backend = CudaBackend({"__file__": spec["train_file"]}, compile_mode=mode,
                           compile_options=spec.get("compile_options"))
+    backend.helpers_wanted = False  # a helper starts no helpers
     backend.configure_memory()
     backend.build(spec["recipe"], spec["vocab_size"], spec["seq_len"], spec["seed"])
     model = backend.model

@@ -41,9 +41,12 @@ Choices, and why:
   train_torch.py may decline it (FAST_LOSS = False). Recorded as versions -> loss.
 - Evaluation runs eagerly (SDPA, or FA4's forward where chosen), so it compiles nothing new.
 - Start-up: torch.compile's graphs and FA4's and quack's kernels are cached on disk, so a later
-  run of the same model code skips their compiles (at the karpathy config on an H100: a 9-10 s
-  first step against 67-79 s on a fresh machine). Inductor runs with INDUCTOR_OPTIONS, and the
-  cache-key tag carries a hash of the kernel modules (compile_cache_tag).
+  run of the same model code skips their compiles (at the karpathy config on an H100: a 7.6-9.9 s
+  first step against 66-79 s on a fresh machine). Where they are not cached yet, helper
+  processes compile the kernels and the optimizer update while this process compiles the model
+  (compile_ahead.py; 36 s against 66 s on one fresh machine); `MLX_AR_COMPILE_AHEAD=0` turns
+  them off. Inductor runs with INDUCTOR_OPTIONS, and the cache-key tag carries a hash of the
+  kernel modules (compile_cache_tag).
 
     backend = CudaBackend(train_globals)
     backend.build(recipe, vocab_size, seq_len, seed)
@@ -354,6 +357,7 @@ class CudaBackend:
         self.kernels = {}              # the attention, MLP and loss kernels build() chose, for the record
         self._staging = PinnedStaging(torch, self.device) if self.on_gpu else None
         self.graphed = None            # GraphedStep once build() decides to record the step
+        self.helpers_wanted = compile_ahead_wanted(self.on_gpu, self.compile_mode)   # helpers in build()
 
     # --- device ---------------------------------------------------------------------------
     def device_name(self) -> str:
@@ -402,7 +406,7 @@ class CudaBackend:
             optimizer.compile(**self.compile_options)
         self.graphed, self._steps = None, 0
         self._ahead_keys = {}
-        if compile_ahead_wanted(self.on_gpu, self.compile_mode):
+        if self.helpers_wanted:
             self._start_helpers(recipe, vocab_size, seq_len, seed)
         if graph_wanted(self.on_gpu, self.compile_mode):
             self.graphed = GraphedStep(torch, self._run_step, lambda fn: record_cuda_graph(torch, fn))
