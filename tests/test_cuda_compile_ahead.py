@@ -235,6 +235,16 @@ def test_kernel_jobs_are_keyed_by_the_kernels_and_the_model_config():
     assert "mlp+loss" not in b.compile_ahead_keys()
 
 
+def test_helpers_that_cannot_be_given_the_spec_are_skipped_with_a_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compile_ahead, "stamp_dir", lambda: tmp_path)
+    monkeypatch.setattr(compile_ahead.tempfile, "tempdir", str(tmp_path))
+    b = CudaBackend({"__file__": str(TRAIN_PY)}, compile_mode="none", compile_options={"backend": lambda gm, x: gm})
+    b.build(recipe_of(TINY), V, T, seed=0)
+    b._start_helpers(recipe_of(TINY), V, T, 0)    # what a GPU build does
+    assert "compile-ahead: no helpers (" in capsys.readouterr().err
+    assert not compile_ahead.running() and not list(tmp_path.iterdir())
+
+
 def test_a_first_step_stamps_its_keys(tmp_path, monkeypatch):
     monkeypatch.setattr(compile_ahead, "stamp_dir", lambda: tmp_path)
     b = CudaBackend({"__file__": str(TRAIN_PY)}, compile_mode="none")

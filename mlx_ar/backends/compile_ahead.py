@@ -188,9 +188,10 @@ def start(jobs, spec: dict, env=os.environ, log_dir=None, popen=subprocess.Popen
     jobs = list(jobs)
     if not jobs:
         return []
+    data = pickle.dumps({**spec, "started": time.time()})   # raises before any file exists
     fd, spec_path = tempfile.mkstemp(prefix="mlx_ar_ahead_", suffix=".pkl", dir=log_dir)
     with os.fdopen(fd, "wb") as f:
-        pickle.dump({**spec, "started": time.time()}, f)
+        f.write(data)
     helpers = []
     for job in jobs:
         argv = [sys.executable, "-m", __name__, job, spec_path]

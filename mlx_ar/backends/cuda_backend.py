@@ -57,6 +57,7 @@ import hashlib
 import importlib.util
 import itertools
 import os
+import pickle
 import platform
 import sys
 from pathlib import Path
@@ -443,7 +444,11 @@ class CudaBackend:
             return
         spec = {"train_file": str(self.train_file), "recipe": recipe, "vocab_size": vocab_size,
                 "seq_len": seq_len, "seed": seed, "compile_options": self.user_compile_options}
-        compile_ahead.start(jobs, spec)
+        try:
+            compile_ahead.start(jobs, spec)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:   # e.g. a compiler given as a function
+            print(f"compile-ahead: no helpers ({type(e).__name__}: {e}); compiling here", file=sys.stderr, flush=True)
+            return
         print(f"compile-ahead: {', '.join(jobs)} compiling in helper processes", file=sys.stderr, flush=True)
 
     def _attention_kernel(self, head_dim: int):
