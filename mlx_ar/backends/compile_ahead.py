@@ -167,6 +167,7 @@ class Helper:
             self.report = _last_json(text)
             self._drop_log()
             return None
+        self.log.close()           # the file stays for the user to read
         return f"exited with code {code} (its log, {self.log.name}, ends: {text[-TAIL:].strip()})"
 
     def stop(self) -> None:
@@ -225,8 +226,7 @@ def wait(jobs=JOBS, timeout: float = TIMEOUT, out=None) -> list:
         print(f"compile-ahead: ready after {', '.join(ready)}; waited {time.perf_counter() - t0:.1f} s here",
               file=out, flush=True)
     if not _running:
-        while _spec_files:
-            Path(_spec_files.pop()).unlink(missing_ok=True)
+        _remove_spec_files()
     return helpers
 
 
@@ -263,6 +263,11 @@ def _stop_all():
     """A training process that ends early (an error, Ctrl-C) takes its helpers with it."""
     while _running:
         _running.pop().stop()
+    _remove_spec_files()
+
+
+def _remove_spec_files():
+    """Remove the spec files of helpers that are all done."""
     while _spec_files:
         Path(_spec_files.pop()).unlink(missing_ok=True)
 

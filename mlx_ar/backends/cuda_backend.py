@@ -416,10 +416,10 @@ class CudaBackend:
     def compile_ahead_keys(self) -> dict:
         """{job: key} for the built model: what each compile-ahead job's compiled code depends on.
 
-        Kernel jobs: the kernels chosen (versions included), the model's config and the kernel
-        modules (in the cache tag). The optimizer: its code in train_torch.py (code_fingerprint),
-        the parameters' shapes and the optimizer's constants. A key that misses a change only
-        costs time: this process then compiles what it finds missing from the caches.
+        Kernel jobs: the kernels chosen (their labels: versions, quack's tiles), the model's config
+        and the kernel modules (in the cache tag). The optimizer: its code in train_torch.py
+        (code_fingerprint), the parameters' shapes and the optimizer's constants. A key that misses
+        a change only costs time: this process then compiles what it finds missing from the caches.
         """
         torch = self.torch
         common = (torch.__version__, self.device_name(), torch.compiler.config.cache_key_tag)
@@ -427,8 +427,7 @@ class CudaBackend:
         for job, families in compile_ahead.KERNEL_JOBS.items():
             used = [self.kernels[f] for f in families if not self.kernels.get(f, "torch").startswith("torch")]
             if used:
-                keys[job] = compile_ahead.key(job, common, used, repr(self.model.cfg),
-                                              os.environ.get(QUACK_TUNE_ENV, ""))
+                keys[job] = compile_ahead.key(job, common, used, repr(self.model.cfg))
         shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.model.named_parameters()]
         code = compile_ahead.code_fingerprint(self.tt, [type(self.optimizer)])
         keys["optimizer"] = compile_ahead.key("optimizer", common, code, shapes,
