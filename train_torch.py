@@ -21,7 +21,8 @@ on a GPU, and through SDPA with a boolean mask otherwise. Where the backend pass
 kernel (FlashAttention-4 on Hopper and newer, when installed), that kernel runs every layer;
 where it passes an MLP kernel (quack's GEMMs with relu² in their epilogue), every MLP runs on it;
 where it passes a loss kernel (the soft-capped cross-entropy and its gradient in one Triton
-pass), the mean training loss goes through it.
+pass), the mean training loss goes through it; where it passes a norm-and-rotate kernel (Triton),
+attention's q/k RMS norm and RoPE run on it.
 """
 import math
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ FAST_MLP = True                    # take the backend's fused relu² MLP (quack 
                                    # set False when changing MLP's math, or the kernel bypasses it
 FAST_LOSS = True                   # take the backend's fused soft-capped cross-entropy (Triton) for training;
                                    # set False when changing head_loss's math, or the kernel bypasses it
+FAST_NORM_ROPE = True              # take the backend's fused q/k RMS norm + RoPE (Triton) where it runs; set
+                                   # False when changing rms_norm, apply_rope or NORM_EPS's use on q and k
 
 
 # --- recipe -----------------------------------------------------------------------------------
@@ -166,6 +169,7 @@ class Attention(nn.Module):
         self.c_proj = Linear(h * hd, d, init="zeros")
         self.ve_gate = Linear(cfg.ve_gate_channels, h, init="zeros") if has_value_embedding(layer, cfg.n_layer) else None
         self.masks = masks             # shared, not a submodule: holds no parameters
+        self.norm_rope = None          # the backend's fused apply_rope(rms_norm(.)) (build_model sets it)
 
     def forward(self, x, ve, cos, sin):
         B, T, _ = x.shape
@@ -175,8 +179,10 @@ class Attention(nn.Module):
             # Input-dependent gate in (0, 2) per head; starts at 1 because the gate weights start at 0.
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_channels]))
             v = v + gate[..., None] * ve.view(shape)
-        q = apply_rope(rms_norm(q), cos, sin)
-        k = apply_rope(rms_norm(k), cos, sin)
+        if self.norm_rope is not None:
+            q, k = self.norm_rope(q, cos, sin, NORM_EPS), self.norm_rope(k, cos, sin, NORM_EPS)
+        else:
+            q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
         y = self.masks.attend(q, k, v, self.window, self.scale)
         return self.c_proj(y.reshape(B, T, -1))
 
@@ -333,7 +339,7 @@ class GPT(nn.Module):
 
 
 def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=False, attention=None,
-                mlp=None, loss=None) -> GPT:
+                mlp=None, loss=None, norm_rope=None) -> GPT:
     """A GPT for `recipe`, initialised on `device` from torch's global RNG (seed it first).
 
     flex=True builds flex_attention block masks; the backend asks for them only when it compiles
@@ -343,6 +349,8 @@ def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=
     forward, taken when FAST_MLP is True; the backend passes quack's fused GEMMs where they run.
     loss: a function (h, w_head, targets, softcap) computing head_loss's mean loss for training,
     taken when FAST_LOSS is True; the backend passes its Triton cross-entropy where Triton runs.
+    norm_rope: a function (x, cos, sin, eps) computing apply_rope(rms_norm(x), cos, sin) for q and
+    k, taken when FAST_NORM_ROPE is True; the backend passes its Triton kernels where Triton runs.
     """
     with torch.device(device):     # weights are drawn where they live: no host-side init and copy
         model = GPT(GPTConfig.from_recipe(recipe, vocab_size, seq_len))
@@ -350,6 +358,7 @@ def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=
     model.masks.kernel = attention if FAST_ATTENTION else None
     for block in model.blocks:
         block.mlp.kernel = mlp if FAST_MLP else None
+        block.attn.norm_rope = norm_rope if FAST_NORM_ROPE else None
     model.loss_kernel = loss if FAST_LOSS else None
     if flex and model.masks.kernel is None:
         model.masks.enable_flex(device)

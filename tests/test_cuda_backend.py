@@ -475,7 +475,7 @@ def test_train_py_backend_cuda_smoke_run(tmp_path, data_cache, tiny_dataset):
     assert rec["versions"]["torch"] == torch.__version__
     assert rec["versions"]["attention"] == "torch sdpa" and rec["versions"]["mlp"] == "torch"
     assert rec["versions"]["loss"] == "torch"
-    assert "kernels: attention torch sdpa | mlp torch | loss torch\n" in proc.stdout
+    assert "kernels: attention torch sdpa | mlp torch | loss torch | norm_rope torch\n" in proc.stdout
 
 
 

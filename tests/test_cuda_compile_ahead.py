@@ -26,8 +26,8 @@ V, T = 97, 32
 @pytest.fixture(autouse=True)
 def no_helpers_left(monkeypatch):
     """Each test starts and ends with no registered helpers (a fresh registry per test)."""
-    monkeypatch.setattr(compile_ahead, "_running", [])
-    monkeypatch.setattr(compile_ahead, "_spec_files", [])
+    for name in ("_running", "_standby", "_released", "_spec_files"):
+        monkeypatch.setattr(compile_ahead, name, [])
 
 
 def spec(**extra):
@@ -68,7 +68,7 @@ def test_a_helper_reports_its_result_or_why_it_failed_or_ran_out_of_time(tmp_pat
     assert "exited with code 3" in why and "kernel compile failed" in why
     assert list(tmp_path.glob("*attention*.log"))                # kept for the user, named in `why`
 
-    slow = compile_ahead.Helper("mlp+loss", [sys.executable, "-c", "import time; time.sleep(60)"], log_dir=tmp_path)
+    slow = compile_ahead.Helper("mlp+loss+rope", [sys.executable, "-c", "import time; time.sleep(60)"], log_dir=tmp_path)
     why = slow.wait(0.5)
     assert why.startswith("no result after") and slow.proc.poll() is not None   # stopped, not left behind
 
@@ -87,14 +87,14 @@ def test_kernel_launches_wait_for_kernel_helpers_and_the_update_for_all(tmp_path
 
     def popen(argv, stdout, **kw):
         job = argv[-2]
-        code = 5 if job == "mlp+loss" else 0
+        code = 5 if job == "mlp+loss+rope" else 0
         procs[job] = FakeProc(argv, stdout, code=code, output=json.dumps({"ready_seconds": 2.5}), **kw)
         return procs[job]
 
     env = {"MLX_AR_MLP": "quack", "PATH": "/bin"}
-    helpers = compile_ahead.start(["attention", "mlp+loss", "optimizer"], spec(), env=env, log_dir=tmp_path,
+    helpers = compile_ahead.start(["attention", "mlp+loss+rope", "optimizer"], spec(), env=env, log_dir=tmp_path,
                                   popen=popen)
-    assert [h.job for h in helpers] == ["attention", "mlp+loss", "optimizer"]
+    assert [h.job for h in helpers] == ["attention", "mlp+loss+rope", "optimizer"]
     argv = procs["optimizer"].argv
     assert argv[:3] == [sys.executable, "-m", "mlx_ar.backends.compile_ahead"] and argv[3] == "optimizer"
     with open(argv[4], "rb") as f:               # every helper reads the same pickled spec
@@ -102,16 +102,17 @@ def test_kernel_launches_wait_for_kernel_helpers_and_the_update_for_all(tmp_path
         given = pickle.load(f)
     assert given["recipe"] == recipe_of(TINY) and given["started"] > 0
     # each helper compiles its own kernels only, and starts no helpers of its own
-    assert procs["attention"].env == {**env, "MLX_AR_MLP": "torch", "MLX_AR_LOSS": "torch", compile_ahead.ENV: "0"}
-    assert procs["mlp+loss"].env == {**env, "MLX_AR_ATTENTION": "torch", compile_ahead.ENV: "0"}
+    assert procs["attention"].env == {**env, "MLX_AR_MLP": "torch", "MLX_AR_LOSS": "torch", "MLX_AR_NORM_ROPE": "torch",
+                                      compile_ahead.ENV: "0"}
+    assert procs["mlp+loss+rope"].env == {**env, "MLX_AR_ATTENTION": "torch", compile_ahead.ENV: "0"}
     assert procs["optimizer"].env["MLX_AR_MLP"] == "torch" and procs["optimizer"].env["MLX_AR_ATTENTION"] == "torch"
 
     out = io.StringIO()
     waited = compile_ahead.wait(compile_ahead.KERNEL_JOBS, out=out)
-    assert [h.job for h in waited] == ["attention", "mlp+loss"]
+    assert [h.job for h in waited] == ["attention", "mlp+loss+rope"]
     assert compile_ahead.running() and not procs["optimizer"].waited
     text = out.getvalue()
-    assert "compile-ahead mlp+loss: exited with code 5" in text and "compiles it instead" in text
+    assert "compile-ahead mlp+loss+rope: exited with code 5" in text and "compiles it instead" in text
     assert "ready after attention 2.5 s" in text
     assert (tmp_path / argv[4]).exists()          # the optimizer helper has not been waited for yet
 
@@ -121,23 +122,145 @@ def test_kernel_launches_wait_for_kernel_helpers_and_the_update_for_all(tmp_path
     assert compile_ahead.wait(out=out) == []
 
 
+# --- standby helpers ---------------------------------------------------------------------------
+class FakeStandby:
+    """A standby helper process: records what start() writes to its input."""
+
+    def __init__(self, argv, stdout, stdin=None, env=None, **kw):
+        self.argv, self.env, self.stdin, self.code = argv, env, io.BytesIO(), None
+        self.stdin.close = lambda: setattr(self, "closed", True)
+        self.closed = False
+
+    def poll(self):
+        return self.code
+
+    def wait(self, timeout=None):
+        self.code = 0
+        return 0
+
+    def kill(self):
+        self.code = -9
+
+
+def test_standby_helpers_are_wanted_only_where_a_gpu_is_listed_and_helpers_are_on(tmp_path):
+    gpus = tmp_path / "gpus"
+    assert not compile_ahead.standby_wanted(None, env={}, gpus=gpus)            # no NVIDIA driver
+    gpus.mkdir()
+    assert not compile_ahead.standby_wanted(None, env={}, gpus=gpus)            # the driver lists no GPU
+    (gpus / "0000:00:05.0").mkdir()
+    assert compile_ahead.standby_wanted(None, env={}, gpus=gpus)
+    assert not compile_ahead.standby_wanted(None, env={compile_ahead.ENV: "0"}, gpus=gpus)
+    assert not compile_ahead.standby_wanted("none", env={}, gpus=gpus)
+    assert not compile_ahead.standby_wanted(None, env={"MLX_AR_TORCH_COMPILE": "None"}, gpus=gpus)
+    assert not compile_ahead.standby_wanted(None, env={"CUDA_VISIBLE_DEVICES": ""}, gpus=gpus)
+    assert compile_ahead.standby_wanted("model", env={"CUDA_VISIBLE_DEVICES": "3"}, gpus=gpus)
+
+
+def test_start_gives_jobs_to_standby_helpers_first_and_releases_the_rest(tmp_path):
+    standby = compile_ahead.stand_by(2, env={"PATH": "/bin"}, log_dir=tmp_path, popen=FakeStandby)
+    assert all(h.proc.argv[-1] == "--standby" and h.proc.env[compile_ahead.ENV] == "0" for h in standby)
+    spawned = []
+
+    def popen(argv, stdout, **kw):
+        spawned.append(argv[-2])
+        return FakeProc(argv, stdout, **kw)
+
+    helpers = compile_ahead.start(["attention", "mlp+loss+rope", "optimizer"], spec(), env={"PATH": "/bin"},
+                                  log_dir=tmp_path, popen=popen)
+    assert helpers[:2] == standby and spawned == ["optimizer"]
+    for helper, job in zip(standby, ["attention", "mlp+loss+rope"]):
+        order = json.loads(helper.proc.stdin.getvalue())
+        assert helper.job == job and order["job"] == job and helper.proc.closed
+        assert order["env"] == compile_ahead.job_env(job, {"PATH": "/bin"})
+        assert order["spec"] == helpers[2].proc.argv[-1]                        # the same spec file
+    compile_ahead._stop_all()
+
+    extra = compile_ahead.stand_by(2, env={}, log_dir=tmp_path, popen=FakeStandby)
+    helpers = compile_ahead.start(["optimizer"], spec(), env={}, log_dir=tmp_path, popen=None)
+    assert helpers == extra[:1] and extra[1].proc.closed and extra[1].proc.stdin.getvalue() == b""
+    assert compile_ahead._standby == [] and compile_ahead._released == [extra[1]]
+    compile_ahead._stop_all()
+    assert compile_ahead._released == [] and not list(tmp_path.glob("*.log"))
+
+
+def test_a_real_standby_helper_runs_the_job_it_is_given_and_one_given_none_exits(tmp_path):
+    out = io.StringIO()
+    compile_ahead.stand_by(2, log_dir=tmp_path)
+    helpers = compile_ahead.start(["optimizer"], spec(compile_options={"backend": "aot_eager"}), log_dir=tmp_path)
+    released = list(compile_ahead._released)
+    assert compile_ahead.wait(out=out) == helpers
+    assert "ready after optimizer" in out.getvalue(), out.getvalue()
+    assert helpers[0].report["job"] == "optimizer" and helpers[0].report["ready_seconds"] > 0
+    assert released[0].proc.wait(60) == 0                                      # no job: a clean exit
+    compile_ahead.wait(out=out)                                                # forgets it and its log
+    assert compile_ahead._released == [] and not list(tmp_path.iterdir())
+
+
+def test_a_backend_that_wants_no_helpers_releases_the_standby_ones(tmp_path, monkeypatch):
+    def stand_by():
+        compile_ahead._standby.append(compile_ahead.Helper(None, ["x"], log_dir=tmp_path, popen=FakeStandby))
+
+    monkeypatch.setattr(compile_ahead, "standby_wanted", lambda mode=None: True)
+    monkeypatch.setattr(compile_ahead, "stand_by", stand_by)
+    CudaBackend({"__file__": str(TRAIN_PY)})                                   # on the CPU: no helpers wanted
+    assert compile_ahead._standby == [] and compile_ahead._released[0].proc.closed
+    compile_ahead._stop_all()
+
+
 def test_no_jobs_start_nothing(tmp_path):
     assert compile_ahead.start([], spec(), log_dir=tmp_path, popen=None) == []
     assert not list(tmp_path.iterdir())
 
 
-def test_the_loss_op_waits_for_kernel_helpers_before_its_first_launch(monkeypatch):
+def test_forward_launches_wait_for_forward_kernels_and_backward_launches_for_the_rest(tmp_path):
+    """A kernel helper that has compiled its forward kernels keeps compiling its backward ones while
+    this process goes on; one that has exited is reported; one that says nothing in time is stopped."""
+    ready = json.dumps({"ready_seconds": 1.0})
+    scripts = {
+        "attention": f"import time; print({compile_ahead.FORWARD_DONE!r}, flush=True); time.sleep(1.0); print({ready!r})",
+        "mlp+loss+rope": f"print({ready!r})",
+        "optimizer": "import time; time.sleep(60)",
+    }
+
+    def popen(argv, **kw):
+        return subprocess.Popen([sys.executable, "-c", scripts[argv[-2]]], **kw)
+
+    helpers = {h.job: h for h in compile_ahead.start(scripts, spec(), log_dir=tmp_path, popen=popen)}
+    helpers["mlp+loss+rope"].proc.wait()
+    out = io.StringIO()
+    compile_ahead.wait_kernels(forward_only=True, out=out)
+    assert helpers["attention"].forward_done and helpers["attention"].proc.poll() is None   # still compiling
+    assert [h.job for h in compile_ahead._running] == ["attention", "optimizer"]
+    assert "ready after mlp+loss+rope 1.0 s" in out.getvalue()
+    assert "forward kernels of attention ready" in out.getvalue()
+    compile_ahead.wait_kernels(forward_only=True, out=out)          # said once: no second look
+    compile_ahead.wait_kernels(out=out)                             # a backward launch: the rest
+    assert helpers["attention"].proc.poll() == 0 and [h.job for h in compile_ahead._running] == ["optimizer"]
+    assert "ready after attention 1.0 s" in out.getvalue()
+
+    silent = compile_ahead.Helper("attention", [sys.executable, "-c", "import time; time.sleep(60)"], log_dir=tmp_path)
+    compile_ahead._running.append(silent)
+    compile_ahead.wait_kernels(forward_only=True, timeout=0.3, out=out)
+    assert silent.proc.poll() is not None and silent not in compile_ahead._running
+    assert "no forward kernels after 0.3 s (stopped it)" in out.getvalue()
+    compile_ahead._stop_all()
+
+
+@pytest.mark.parametrize("forward_only", [True, False])
+def test_the_forward_gate_does_nothing_when_no_kernel_helper_runs(forward_only, monkeypatch):
+    monkeypatch.setattr(compile_ahead, "wait", lambda *a, **kw: pytest.fail("waited"))
+    compile_ahead.wait_kernels(forward_only=forward_only)
+
+
+def test_the_loss_op_takes_the_forward_gate_before_its_launch(monkeypatch):
     from mlx_ar.backends import softcap_ce
 
-    waits = []
-    monkeypatch.setattr(compile_ahead, "wait", lambda jobs=compile_ahead.JOBS, **kw: waits.append(tuple(jobs)))
+    gates = []
+    monkeypatch.setattr(compile_ahead, "wait_kernels", lambda forward_only=False, **kw: gates.append(forward_only))
     h, w = torch.randn(6, 8), torch.randn(11, 8)
     targets = torch.randint(0, 11, (6,))
     softcap_ce.cross_entropy(h, w, targets, 15.0)
-    assert waits == []                            # nothing running: no wait
-    monkeypatch.setattr(compile_ahead, "_running", ["a helper"])
-    softcap_ce.cross_entropy(h, w, targets, 15.0)
-    assert waits == [tuple(compile_ahead.KERNEL_JOBS)]
+    assert gates == [True]
 
 
 # --- whether helpers start ---------------------------------------------------------------------
@@ -227,12 +350,14 @@ def test_kernel_jobs_are_keyed_by_the_kernels_and_the_model_config():
     b.build(recipe_of(TINY), V, T, seed=0)
     b.kernels = {"attention": "fa4 4.0.0b36", "mlp": "torch", "loss": "triton 3.6.0 (...)"}
     keys = b.compile_ahead_keys()
-    assert set(keys) == {"attention", "mlp+loss", "optimizer"}
+    assert set(keys) == {"attention", "mlp+loss+rope", "optimizer"}
     b.kernels["attention"] = "fa4 4.0.0b37"
     assert b.compile_ahead_keys()["attention"] != keys["attention"]
-    assert b.compile_ahead_keys()["mlp+loss"] == keys["mlp+loss"]
+    assert b.compile_ahead_keys()["mlp+loss+rope"] == keys["mlp+loss+rope"]
     b.kernels["loss"] = "torch (triton not used: MLX_AR_LOSS=torch)"
-    assert "mlp+loss" not in b.compile_ahead_keys()
+    assert "mlp+loss+rope" not in b.compile_ahead_keys()
+    b.kernels["norm_rope"] = "triton 3.6.0 (...)"            # that job also compiles the norm + RoPE kernels
+    assert "mlp+loss+rope" in b.compile_ahead_keys()
 
 
 def test_helpers_that_cannot_be_given_the_spec_are_skipped_with_a_message(tmp_path, monkeypatch, capsys):
@@ -289,7 +414,7 @@ def test_jobs_run_the_kernels_and_compile_the_optimizer():
     for job in compile_ahead.KERNEL_JOBS:
         done = compile_ahead.run_job(job, spec())
         assert done["job"] == job and math.isfinite(done["loss"]) and done["loss"] > 0
-    assert "ready_seconds" in compile_ahead.run_job("mlp+loss", spec(started=0.0))
+    assert "ready_seconds" in compile_ahead.run_job("mlp+loss+rope", spec(started=0.0))
     with pytest.raises(ValueError, match="unknown compile-ahead job 'bogus'"):
         compile_ahead.run_job("bogus", spec())
 

@@ -8,30 +8,42 @@ H100 at the karpathy config those were about 22 s, 17 s and 15 s of a 63 s first
 pieces do not depend on each other, so helpers build the same model from the same files and
 recipe and each compiles one piece, in parallel with the model's compile here:
 
-- `attention`, `mlp+loss`: the model, with only that job's kernels chosen, runs one eager
+- `attention`, `mlp+loss+rope`: the model, with only that job's kernels chosen, runs one eager
   forward and backward on a one-row batch, which compiles those kernels;
 - `optimizer`: the compiled optimizer update runs once on zero gradients.
 
 What a helper compiles lands in the on-disk caches (FA4's, quack's, Triton's, inductor's); the
-training process finds it there when it reaches that piece: it waits for the kernel helpers
-(`wait_kernels`) before its first custom kernel launch, and for every helper (`wait`) before its
-first optimizer update. The optimizer helper holds a copy of the parameters and optimizer state
+training process finds it there when it reaches that piece. A kernel helper says when its
+forward kernels are compiled (FORWARD_DONE) and goes on with the backward's; the training
+process waits for that line before its first forward kernel launch
+(`wait_kernels(forward_only=True)`), and for the kernel helpers to finish before its first
+backward kernel launch (`wait_kernels()`), so its own backward compile (inductor lowers the
+backward graph when it first runs) overlaps theirs. It waits for every helper (`wait`) before
+its first optimizer update. The optimizer helper holds a copy of the parameters and optimizer state
 (and a CUDA context) until then; if the first step runs out of GPU memory while it does, the
 step waits for it and runs again (`retry_out_of_memory`). A helper that fails or runs out of
 time costs only time: the training process compiles that piece itself.
+
+Helpers are started early: `stand_by` starts one per job when the backend is created, before
+this process imports torch, and each imports torch and sets up the GPU (together 8-13 s on an
+H100 machine) while this process does the same and builds the model; `start` then hands each a
+job, and lets the ones it does not need exit.
 
 A stamp per job (`key`: a hash of what the job's compiled code depends on) is written after a
 first step that got through; a later run with the same stamp starts no helper, since its pieces
 come from the caches at once.
 
+    stand_by_if_wanted()                # when the backend is created, before torch is imported
     jobs = plan(keys, stamp_dir)        # {job: key} for the jobs without a stamp
     start(jobs, spec, env)              # in build(), after the model and optimizer exist
-    wait_kernels()                      # before the first kernel launch
+    wait_kernels(forward_only=True)     # before the first forward kernel launch
+    wait_kernels()                      # before the first backward kernel launch
     wait()                              # before the first optimizer update
     mark_done(keys, stamp_dir)          # after the first step
 
 `python -m mlx_ar.backends.compile_ahead JOB SPEC` is a helper; SPEC is a pickled dict with the
-train.py path, recipe, vocab size, sequence length and seed.
+train.py path, recipe, vocab size, sequence length and seed. `... --standby` is a helper that
+reads its job, SPEC and environment as one JSON line on its input (none: it exits).
 """
 import atexit
 import hashlib
@@ -46,13 +58,18 @@ from pathlib import Path
 
 ENV = "MLX_AR_COMPILE_AHEAD"      # 0: no helpers (the cuda backend reads it)
 # Each kernel job keeps its own kernel families and sets the others' switches to torch.
-KERNEL_JOBS = {"attention": ("attention",), "mlp+loss": ("mlp", "loss")}
-SWITCHES = {"attention": "MLX_AR_ATTENTION", "mlp": "MLX_AR_MLP", "loss": "MLX_AR_LOSS"}
+KERNEL_JOBS = {"attention": ("attention",), "mlp+loss+rope": ("mlp", "loss", "norm_rope")}
+SWITCHES = {"attention": "MLX_AR_ATTENTION", "mlp": "MLX_AR_MLP", "loss": "MLX_AR_LOSS",
+            "norm_rope": "MLX_AR_NORM_ROPE"}
 JOBS = (*KERNEL_JOBS, "optimizer")
 TIMEOUT = 600.0                    # seconds the training process waits for a helper before going on alone
 TAIL = 1500                        # characters of a failed helper's log that are shown
+FORWARD_DONE = "compile-ahead: forward kernels compiled"   # a kernel helper's line before its backward
+POLL = 0.05                        # seconds between looks at the kernel helpers' logs
 
 _running = []                      # helpers started by start() and not yet waited for
+_standby = []                      # helpers started by stand_by() and not yet given a job
+_released = []                     # standby helpers given no job, on their way out
 _spec_files = []                   # their spec files, removed once they are waited for
 
 
@@ -147,12 +164,32 @@ class Helper:
     `wait(timeout)` returns None when it exited cleanly, else why not (killing it on a timeout).
     """
 
-    def __init__(self, job: str, argv: list, env=None, log_dir=None, popen=subprocess.Popen):
-        self.job = job
-        self.log = tempfile.NamedTemporaryFile("w+b", prefix=f"mlx_ar_ahead_{job.replace('+', '_')}_",
-                                               suffix=".log", dir=log_dir, delete=False)
+    def __init__(self, job: str | None, argv: list, env=None, log_dir=None, popen=subprocess.Popen):
+        self.job = job             # None: a standby helper, waiting for give()
+        name = (job or "standby").replace("+", "_")
+        self.log = tempfile.NamedTemporaryFile("w+b", prefix=f"mlx_ar_ahead_{name}_", suffix=".log", dir=log_dir,
+                                               delete=False)
         self.report = {}           # the helper's last output line (run_job's dict) once it succeeded
-        self.proc = popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.forward_done = False  # FORWARD_DONE seen in its log
+        stdin = subprocess.DEVNULL if job else subprocess.PIPE
+        self.proc = popen(argv, stdout=self.log, stderr=subprocess.STDOUT, stdin=stdin, env=env)
+
+    def give(self, job: str, spec_path: str, env: dict) -> None:
+        """Hand a standby helper its job (it reads one line and runs it)."""
+        self.job = job
+        line = json.dumps({"job": job, "spec": spec_path, "env": dict(env)}) + "\n"
+        try:
+            self.proc.stdin.write(line.encode())
+            self.proc.stdin.close()
+        except OSError:
+            pass                   # it has died: wait() reports its exit code and log
+
+    def release(self) -> None:
+        """Tell a standby helper there is no job for it: it exits."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
 
     def wait(self, timeout: float = TIMEOUT) -> str | None:
         try:
@@ -170,10 +207,20 @@ class Helper:
         self.log.close()           # the file stays for the user to read
         return f"exited with code {code} (its log, {self.log.name}, ends: {text[-TAIL:].strip()})"
 
+    def said(self, line: str) -> bool:
+        """Has the helper written `line` so far? (Its log is read by name: the shared handle's
+        offset is where the helper writes.)"""
+        try:
+            return line.encode() in Path(self.log.name).read_bytes()
+        except OSError:
+            return False
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if getattr(self.proc, "stdin", None):
+            self.release()
         self._drop_log()
 
     def _drop_log(self):
@@ -181,13 +228,52 @@ class Helper:
         Path(self.log.name).unlink(missing_ok=True)
 
 
+def standby_wanted(compile_mode: str | None, env=os.environ, gpus=Path("/proc/driver/nvidia/gpus")) -> bool:
+    """Start standby helpers now, before torch is imported? When helpers are not switched off, the
+    model is to be compiled, and the NVIDIA driver lists a GPU this process may see. A wrong guess
+    costs little: the backend releases them once it knows (release_standby)."""
+    if env.get(ENV) == "0" or (compile_mode or env.get("MLX_AR_TORCH_COMPILE", "").lower()) == "none":
+        return False
+    if env.get("CUDA_VISIBLE_DEVICES") in ("", "-1") or _standby or _running:
+        return False
+    try:
+        return any(gpus.iterdir())
+    except OSError:
+        return False
+
+
+def stand_by(n: int = len(JOBS), env=os.environ, log_dir=None, popen=subprocess.Popen) -> list:
+    """Start `n` standby helpers (`python -m mlx_ar.backends.compile_ahead --standby`): they import
+    torch and set up the GPU now, then wait for start() to give them a job."""
+    argv = [sys.executable, "-m", __name__, "--standby"]
+    helpers = [Helper(None, argv, env={**env, ENV: "0"}, log_dir=log_dir, popen=popen) for _ in range(n)]
+    _standby.extend(helpers)
+    return helpers
+
+
+def stand_by_if_wanted(compile_mode: str | None = None) -> None:
+    """stand_by() where standby_wanted(compile_mode) says so; call it before importing torch."""
+    if standby_wanted(compile_mode):
+        stand_by()
+
+
+def release_standby() -> None:
+    """Let the standby helpers that got no job exit."""
+    while _standby:
+        helper = _standby.pop()
+        helper.release()
+        _released.append(helper)
+
+
 def start(jobs, spec: dict, env=os.environ, log_dir=None, popen=subprocess.Popen) -> list:
-    """Start a helper per job (`python -m mlx_ar.backends.compile_ahead JOB SPEC`); returns them.
+    """Give each job to a standby helper, or start a helper for it (`python -m
+    mlx_ar.backends.compile_ahead JOB SPEC`); returns them. Standby helpers left over are released.
 
     `spec` is pickled to a file the helpers read; they are waited for by `wait`.
     """
     jobs = list(jobs)
     if not jobs:
+        release_standby()
         return []
     data = pickle.dumps({**spec, "started": time.time()})   # raises before any file exists
     fd, spec_path = tempfile.mkstemp(prefix="mlx_ar_ahead_", suffix=".pkl", dir=log_dir)
@@ -195,8 +281,14 @@ def start(jobs, spec: dict, env=os.environ, log_dir=None, popen=subprocess.Popen
         f.write(data)
     helpers = []
     for job in jobs:
-        argv = [sys.executable, "-m", __name__, job, spec_path]
-        helpers.append(Helper(job, argv, env=job_env(job, env), log_dir=log_dir, popen=popen))
+        if _standby:
+            helper = _standby.pop(0)
+            helper.give(job, spec_path, job_env(job, env))
+        else:
+            argv = [sys.executable, "-m", __name__, job, spec_path]
+            helper = Helper(job, argv, env=job_env(job, env), log_dir=log_dir, popen=popen)
+        helpers.append(helper)
+    release_standby()
     _running.extend(helpers)
     _spec_files.append(spec_path)
     return helpers
@@ -227,13 +319,49 @@ def wait(jobs=JOBS, timeout: float = TIMEOUT, out=None) -> list:
               file=out, flush=True)
     if not _running:
         _remove_spec_files()
+    _reap_released()
     return helpers
 
 
-def wait_kernels() -> None:
-    """Wait for the kernel helpers (a kernel's first launch must find its compiled code cached)."""
-    if _running:
-        wait(KERNEL_JOBS)
+def wait_kernels(forward_only: bool = False, timeout: float = TIMEOUT, out=None) -> None:
+    """Wait for the kernel helpers: a kernel's first launch must find its compiled code cached.
+
+    forward_only (a forward kernel's launch): wait until each kernel helper has said FORWARD_DONE
+    or has exited, and leave the ones still compiling backward kernels running. Otherwise (a
+    backward kernel's launch) wait for them to finish.
+    """
+    if not _running:
+        return
+    if not forward_only:
+        wait(KERNEL_JOBS, timeout, out)
+        return
+    pending = [h for h in _running if h.job in KERNEL_JOBS and not h.forward_done]
+    if not pending:
+        return
+    t0 = time.perf_counter()
+    while True:
+        for h in list(pending):
+            if h.proc.poll() is not None:
+                pending.remove(h)
+            elif h.said(FORWARD_DONE):
+                h.forward_done = True
+                pending.remove(h)
+        if not pending or time.perf_counter() - t0 >= timeout:
+            break
+        time.sleep(POLL)
+    out = out or sys.stderr
+    for h in pending:              # neither done nor exited in time: this process compiles them
+        _running.remove(h)
+        h.stop()
+        print(f"compile-ahead {h.job}: no forward kernels after {timeout:g} s (stopped it); "
+              f"this process compiles them instead", file=out, flush=True)
+    wait([h.job for h in _running if h.job in KERNEL_JOBS and h.proc.poll() is not None], timeout, out)
+    forward = [h.job for h in _running if h.forward_done]
+    if forward:
+        print(f"compile-ahead: forward kernels of {', '.join(forward)} ready; waited "
+              f"{time.perf_counter() - t0:.1f} s here", file=out, flush=True)
+    if not _running:
+        _remove_spec_files()
 
 
 def running() -> bool:
@@ -261,9 +389,17 @@ def retry_out_of_memory(run, reset, error=MemoryError):
 @atexit.register
 def _stop_all():
     """A training process that ends early (an error, Ctrl-C) takes its helpers with it."""
-    while _running:
-        _running.pop().stop()
+    for group in (_running, _standby, _released):
+        while group:
+            group.pop().stop()
     _remove_spec_files()
+
+
+def _reap_released():
+    """Forget released standby helpers that have exited (and their logs)."""
+    for helper in [h for h in _released if h.proc.poll() is not None]:
+        _released.remove(helper)
+        helper.stop()
 
 
 def _remove_spec_files():
@@ -313,6 +449,8 @@ def run_job(job: str, spec: dict) -> dict:
         x, y = (torch.randint(0, spec["vocab_size"], (1, spec["seq_len"]), generator=gen).to(backend.device)
                 for _ in range(2))
         loss = model(x, y)
+        backend.sync()
+        print(FORWARD_DONE, flush=True)
         loss.backward()
         done["loss"] = float(loss.detach())
     backend.sync()
@@ -322,16 +460,38 @@ def run_job(job: str, spec: dict) -> dict:
     return done
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m mlx_ar.backends.compile_ahead JOB SPEC", file=sys.stderr)
-        return 2
-    job, spec_path = argv
+def standby(stdin=None) -> int:
+    """A standby helper: import and set up now, then run the job given on `stdin` (none: exit)."""
+    import torch
+    import torch._inductor.compile_fx  # noqa: F401  (the compiler's own imports, about a second)
+
+    from . import cuda_backend  # noqa: F401
+
+    if torch.cuda.is_available():
+        torch.zeros(1, device="cuda")  # the CUDA context: several seconds on an H100 machine
+    line = (stdin or sys.stdin).readline()
+    if not line.strip():
+        return 0                       # released: no job for this helper
+    order = json.loads(line)
+    os.environ.update(order["env"])
+    return run(order["job"], order["spec"])
+
+
+def run(job: str, spec_path: str) -> int:
     with open(spec_path, "rb") as f:
         spec = pickle.load(f)
     print(json.dumps(run_job(job, spec)), flush=True)   # the last line: Helper.report
     return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--standby"]:
+        return standby()
+    if len(argv) != 2:
+        print("usage: python -m mlx_ar.backends.compile_ahead JOB SPEC  (or --standby)", file=sys.stderr)
+        return 2
+    return run(*argv)
 
 
 if __name__ == "__main__":

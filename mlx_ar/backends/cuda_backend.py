@@ -39,6 +39,9 @@ Choices, and why:
   (softcap_ce.py) where Triton runs (Ampere or newer; Triton comes with torch's CUDA wheels);
   otherwise two compiled passes. `MLX_AR_LOSS` overrides it (`auto`, `triton`, `torch`), and
   train_torch.py may decline it (FAST_LOSS = False). Recorded as versions -> loss.
+- q/k norm and RoPE: one Triton kernel each way (norm_rope.py) where Triton runs; otherwise
+  torch.compile's fusion. `MLX_AR_NORM_ROPE` overrides it (`auto`, `triton`, `torch`), and
+  train_torch.py may decline it (FAST_NORM_ROPE = False). Recorded as versions -> norm_rope.
 - Evaluation runs eagerly (SDPA, or FA4's forward where chosen), so it compiles nothing new.
 - Start-up: torch.compile's graphs and FA4's and quack's kernels are cached on disk, so a later
   run of the same model code skips their compiles (at the karpathy config on an H100: a 7.6-9.9 s
@@ -77,13 +80,15 @@ QUACK_TUNE_ENV = "MLX_AR_QUACK_TUNE"
 QUACK_TUNING_CACHE_ENV = "QUACK_CACHE_AUTOTUNING"
 GRAPH_ENV = "MLX_AR_CUDA_GRAPH"
 LOSS_ENV = "MLX_AR_LOSS"
+NORM_ROPE_ENV = "MLX_AR_NORM_ROPE"
 # Inductor settings for every compiled graph. One launch configuration per pointwise kernel: timing
 # several on a kernel's first call took 6-7 s of every start-up (the choice was not reloaded when the
 # compiled model came from the cache), and steps ran as fast without it (H100, depth 8: 276.6-277.3
 # against 277.3-277.8 ms).
 INDUCTOR_OPTIONS = {"triton.autotune_pointwise": False}
 # The modules whose custom ops a compiled model calls (their registered backwards included).
-KERNEL_MODULES = ("fa4.py", "quack_mlp.py", "quack_drelu2.py", "softcap_ce.py", "softcap_ce_triton.py")
+KERNEL_MODULES = ("fa4.py", "quack_mlp.py", "quack_drelu2.py", "softcap_ce.py", "softcap_ce_triton.py",
+                  "norm_rope.py", "norm_rope_triton.py")
 
 _module_ids = itertools.count()
 
@@ -284,6 +289,16 @@ def choose_loss(device, env=os.environ, probe=None) -> tuple[str, str]:
     return choose_kernel(LOSS_ENV, "triton", "the Triton cross-entropy", lambda: probe(device), env)
 
 
+def choose_norm_rope(device, head_dim: int, env=os.environ, probe=None) -> tuple[str, str]:
+    """("triton" | "torch", why) for the fused q/k RMS norm + RoPE on `device`.
+
+    `probe(device, head_dim)` says why the Triton kernels cannot run; default norm_rope.unavailable_reason.
+    """
+    if probe is None:
+        from .norm_rope import unavailable_reason as probe
+    return choose_kernel(NORM_ROPE_ENV, "triton", "the Triton q/k norm + RoPE", lambda: probe(device, head_dim), env)
+
+
 def load_torch_file(path):
     """Execute train_torch.py as a fresh module (a new one per call, like trainfile.load_train)."""
     path = Path(path).resolve()
@@ -339,6 +354,8 @@ class CudaBackend:
     def __init__(self, train_globals: dict, compile_mode: str | None = None, compile_options: dict | None = None):
         """compile_mode: one of COMPILE_MODES (default: from the device and MLX_AR_TORCH_COMPILE);
         compile_options: extra torch.compile arguments (tests pass a cheaper compiler backend)."""
+        # Before our own torch import: the helpers' imports and GPU set-up overlap ours (compile_ahead.py).
+        compile_ahead.stand_by_if_wanted(compile_mode)
         import torch
 
         self.torch = torch
@@ -355,10 +372,12 @@ class CudaBackend:
         self.warmup_steps = 1
         self.num_params = 0
         self.flops_per_token = 0.0
-        self.kernels = {}              # the attention, MLP and loss kernels build() chose, for the record
+        self.kernels = {}              # the kernels build() chose (attention, MLP, loss, norm_rope), for the record
         self._staging = PinnedStaging(torch, self.device) if self.on_gpu else None
         self.graphed = None            # GraphedStep once build() decides to record the step
         self.helpers_wanted = compile_ahead_wanted(self.on_gpu, self.compile_mode)   # helpers in build()
+        if not self.helpers_wanted:
+            compile_ahead.release_standby()
 
     # --- device ---------------------------------------------------------------------------
     def device_name(self) -> str:
@@ -386,9 +405,10 @@ class CudaBackend:
         attention, why_attention = self._attention_kernel(cfg.head_dim)
         mlp, why_mlp = self._mlp_kernel((cfg.d_model, cfg.mlp_hidden))
         loss, why_loss = self._loss_kernel()
+        norm_rope, why_norm_rope = self._norm_rope_kernel(cfg.head_dim)
         model = tt.build_model(recipe, vocab_size, seq_len, device=self.device, flex=flex, attention=attention,
-                               mlp=mlp, loss=loss)
-        self.kernels = self._kernel_labels(model, why_attention, why_mlp, why_loss)
+                               mlp=mlp, loss=loss, norm_rope=norm_rope)
+        self.kernels = self._kernel_labels(model, why_attention, why_mlp, why_loss, why_norm_rope)
         optimizer = tt.build_optimizer(model, recipe)
         self.tt, self.model, self.optimizer = tt, model, optimizer
         self.num_params = sum(p.numel() for p in model.parameters())
@@ -440,12 +460,14 @@ class CudaBackend:
         self._ahead_keys = self.compile_ahead_keys()
         jobs = compile_ahead.plan(self._ahead_keys, compile_ahead.stamp_dir())
         if not jobs:
+            compile_ahead.release_standby()
             return
         spec = {"train_file": str(self.train_file), "recipe": recipe, "vocab_size": vocab_size,
                 "seq_len": seq_len, "seed": seed, "compile_options": self.user_compile_options}
         try:
             compile_ahead.start(jobs, spec)
         except (pickle.PicklingError, TypeError, AttributeError) as e:   # e.g. a compiler given as a function
+            compile_ahead.release_standby()
             print(f"compile-ahead: no helpers ({type(e).__name__}: {e}); compiling here", file=sys.stderr, flush=True)
             return
         print(f"compile-ahead: {', '.join(jobs)} compiling in helper processes", file=sys.stderr, flush=True)
@@ -485,8 +507,19 @@ class CudaBackend:
 
         return softcap_ce.cross_entropy, None
 
-    def _kernel_labels(self, model, why_attention: str | None, why_mlp: str | None, why_loss: str | None) -> dict:
-        """What the built model runs attention, the MLP and the training loss with, for the record.
+    def _norm_rope_kernel(self, head_dim: int):
+        """(the fused Triton q/k norm + RoPE, None) where it is chosen, else (None, why not)."""
+        kind, why = choose_norm_rope(self.device, head_dim)
+        if kind == "torch":
+            return None, why
+        from . import norm_rope
+
+        return norm_rope.norm_rope, None
+
+    def _kernel_labels(self, model, why_attention: str | None, why_mlp: str | None, why_loss: str | None,
+                       why_norm_rope: str | None = None) -> dict:
+        """What the built model runs attention, the MLP, the training loss and q/k's norm and RoPE
+        with, for the record.
 
         why_*: why the fast kernel was not offered (None: it was, and train_torch.py declined it).
         """
@@ -516,6 +549,12 @@ class CudaBackend:
             labels["loss"] = f"triton {softcap_ce.version()} (soft-capped cross-entropy and its gradient in one pass)"
         else:
             labels["loss"] = fallback("torch", "torch", "triton", why_loss, "FAST_LOSS")
+        if model.blocks[0].attn.norm_rope is not None:
+            from . import norm_rope
+
+            labels["norm_rope"] = f"triton {norm_rope.version()} (q/k RMS norm and RoPE in one pass each way)"
+        else:
+            labels["norm_rope"] = fallback("torch", "torch", "triton", why_norm_rope, "FAST_NORM_ROPE")
         return labels
 
     def load_weights(self, arrays: dict) -> None:

@@ -58,7 +58,7 @@ def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int,
     """Causal attention over the `left` keys before each query (-1: all); returns (out, lse (B, H, T))."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    compile_ahead.wait_kernels()   # a helper may be compiling these kernels (compile_ahead.py)
+    compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling them (compile_ahead.py)
     out, lse = _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True,
                                window_size_left=None if left < 0 else left, window_size_right=0,
                                return_lse=True)[:2]
@@ -76,6 +76,7 @@ def fa4_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
             lse: torch.Tensor, left: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
+    compile_ahead.wait_kernels()   # a helper may be compiling these kernels (compile_ahead.py)
     dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, scale, True, 0.0,
                                  window_size_left=None if left < 0 else left, window_size_right=0)
     return dq, dk, dv

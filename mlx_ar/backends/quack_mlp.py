@@ -62,7 +62,7 @@ def relu2_mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
     """
     from quack.gemm_interface import gemm_act
 
-    compile_ahead.wait_kernels()   # a helper may be compiling these kernels (compile_ahead.py)
+    compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling them (compile_ahead.py)
     act = gemm_act(x, w_fc.T, activation=ACTIVATION, store_preact=False, tuned=tuned)[1]
     return act @ w_proj.T, act
 
@@ -78,6 +78,7 @@ def relu2_mlp_bwd(dout: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_pro
     """Gradients (dx, dw_fc, dw_proj) from dout (M, d) and the forward's activation."""
     from .quack_drelu2 import drelu2
 
+    compile_ahead.wait_kernels()   # a helper may be compiling these kernels (compile_ahead.py)
     dpre = drelu2(dout, w_proj, act, tuned=tuned)
     return dpre @ w_fc, dpre.T @ x, dout.T @ act
 

@@ -78,7 +78,7 @@ def linear_softcap_ce(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
     The logits z = h @ w.T live only inside the op; the gradient (not scaled by 1/M) is kept
     for the backward.
     """
-    compile_ahead.wait_kernels()   # a helper may be compiling the kernel (compile_ahead.py)
+    compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling it (compile_ahead.py)
     loss, dz = torch.ops.mlx_ar.softcap_ce(h @ w.T, targets, cap)
     return loss.mean(), dz
 

@@ -18,7 +18,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-KERNEL_KEYS = ("attention", "mlp", "loss")  # versions entries naming the kernels a backend chose
+KERNEL_KEYS = ("attention", "mlp", "loss", "norm_rope")  # versions entries naming the kernels a backend chose
 
 
 def kernel_line(versions: dict) -> str:
