@@ -25,7 +25,7 @@ step waits for it and runs again (`retry_out_of_memory`). A helper that fails or
 time costs only time: the training process compiles that piece itself.
 
 Helpers are started early: `stand_by` starts one per job when the backend is created, before
-this process imports torch, and each imports torch and sets up the GPU (together 8-13 s on an
+this process imports torch, and each imports torch and sets up the GPU (together 7-10 s on an
 H100 machine) while this process does the same and builds the model; `start` then hands each a
 job, and lets the ones it does not need exit.
 

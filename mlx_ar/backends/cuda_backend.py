@@ -43,12 +43,12 @@ Choices, and why:
   torch.compile's fusion. `MLX_AR_NORM_ROPE` overrides it (`auto`, `triton`, `torch`), and
   train_torch.py may decline it (FAST_NORM_ROPE = False). Recorded as versions -> norm_rope.
 - Evaluation runs eagerly (SDPA, or FA4's forward where chosen), so it compiles nothing new.
-- Start-up: torch.compile's graphs and FA4's and quack's kernels are cached on disk, so a later
-  run of the same model code skips their compiles (at the karpathy config on an H100: a 7.6-9.9 s
-  first step against 66-79 s on a fresh machine). Where they are not cached yet, helper
-  processes compile the kernels and the optimizer update while this process compiles the model
-  (compile_ahead.py; 36 s against 66 s on one fresh machine); `MLX_AR_COMPILE_AHEAD=0` turns
-  them off. Inductor runs with INDUCTOR_OPTIONS, and the cache-key tag carries a hash of the
+- Start-up: torch.compile's graphs and the custom kernels are cached on disk, so a later run of
+  the same model code skips their compiles (at the karpathy config on an H100: a 7-10 s first
+  step against 56-79 s on a fresh machine). Where they are not cached yet, helper processes,
+  started before this process imports torch, compile the kernels and the optimizer update
+  while this process compiles the model (compile_ahead.py; a 23-24 s first step against 56 s on
+  one fresh machine); `MLX_AR_COMPILE_AHEAD=0` turns them off. Inductor runs with INDUCTOR_OPTIONS, and the cache-key tag carries a hash of the
   kernel modules (compile_cache_tag).
 
     backend = CudaBackend(train_globals)
