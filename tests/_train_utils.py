@@ -61,3 +61,18 @@ def assert_same_loss_and_grads(models, vocab_size: int, seq_len: int):
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         assert a.grad is not None, name
         torch.testing.assert_close(b.grad.float(), a.grad.float(), atol=2e-2, rtol=5e-2, msg=name)
+
+
+def dynamo_graph(fn, *args):
+    """The FX graph torch.compile's dynamo hands its compiler for fn(*args) (traced whole)."""
+    import torch
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
+    return graphs[0]

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, model_pair, recipe_of
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, dynamo_graph, model_pair, recipe_of
 from mlx_ar.backends import norm_rope
 from mlx_ar.backends.cuda_backend import NORM_ROPE_ENV, CudaBackend, choose_norm_rope, load_torch_file
 
@@ -93,24 +93,12 @@ def test_reference_backward_is_the_float64_gradient(tt):
     torch.testing.assert_close(norm_rope.reference_backward(dy, x, cos.double(), sin.double(), 1e-6), xg.grad)
 
 
-def _dynamo_graph(fn, *args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
-    return graphs[0]
-
-
 def test_op_compiles_whole_matches_eager_and_leaves_the_graph_cacheable(tt):
     from torch._functorch._aot_autograd.autograd_cache import check_node_safe
 
     x, dy, cos, sin = _inputs(tt, seed=3)
     fn = lambda a, c, s: norm_rope.norm_rope(a, c, s, tt.NORM_EPS)     # noqa: E731
-    graph = _dynamo_graph(fn, x.clone().requires_grad_(), cos, sin)
+    graph = dynamo_graph(fn, x.clone().requires_grad_(), cos, sin)
     assert [str(n.target) for n in graph.graph.nodes if n.op == "call_function"] == ["mlx_ar.norm_rope"]
     for node in graph.graph.nodes:
         check_node_safe(node)

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, model_pair, recipe_of
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, dynamo_graph, model_pair, recipe_of
 from mlx_ar.backends import softcap_ce
 from mlx_ar.backends.cuda_backend import LOSS_ENV, CudaBackend, choose_loss, load_torch_file
 
@@ -114,18 +114,6 @@ def test_cross_entropy_compiles_whole_and_matches_eager():
         torch.testing.assert_close(g, e)
 
 
-def _dynamo_graph(fn, *args):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
-    return graphs[0]
-
-
 def test_cross_entropy_leaves_the_compiled_graph_cacheable():
     """AOTAutograd's on-disk cache skips a graph holding a torch.autograd.Function, so every run
     would trace the model again; the op's registered backward keeps it cacheable."""
@@ -133,7 +121,7 @@ def test_cross_entropy_leaves_the_compiled_graph_cacheable():
 
     h, w, targets = _leaves(2)
     h.requires_grad_(), w.requires_grad_()
-    graph = _dynamo_graph(lambda a, b, t: softcap_ce.cross_entropy(a, b, t, CAP), h, w, targets)
+    graph = dynamo_graph(lambda a, b, t: softcap_ce.cross_entropy(a, b, t, CAP), h, w, targets)
     for node in graph.graph.nodes:
         check_node_safe(node)
 
@@ -146,7 +134,7 @@ def test_cross_entropy_leaves_the_compiled_graph_cacheable():
         def backward(ctx, grad):
             return None, None
 
-    graph = _dynamo_graph(lambda a, b: Function.apply(a, b), h, w)
+    graph = dynamo_graph(lambda a, b: Function.apply(a, b), h, w)
     with pytest.raises(BypassAOTAutogradCache, match="autograd_function_apply"):
         for node in graph.graph.nodes:
             check_node_safe(node)

@@ -22,6 +22,17 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _block(n_rows, HALF: tl.constexpr, ROWS: tl.constexpr):
+    """This program's rows (clamped to row 0 past the end, where `mask` is off), columns of a half,
+    the mask and the offsets of the first halves."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, HALF)
+    in_range = rows < n_rows
+    rows = tl.where(in_range, rows, 0)
+    return rows, cols, in_range[:, None], rows[:, None] * (2 * HALF) + cols[None, :]
+
+
+@triton.jit
 def _halves(ptr, offs, mask, HALF: tl.constexpr):
     return (tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32),
             tl.load(ptr + offs + HALF, mask=mask, other=0.0).to(tl.float32))
@@ -37,12 +48,7 @@ def _tables(cos_ptr, sin_ptr, rows, H, T, cols, HALF: tl.constexpr):
 @triton.jit
 def _norm_rope_fwd(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, H, T, eps,
                    HALF: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, HALF)
-    in_range = rows < n_rows
-    rows = tl.where(in_range, rows, 0)
-    mask = in_range[:, None]
-    offs = rows[:, None] * (2 * HALF) + cols[None, :]
+    rows, cols, mask, offs = _block(n_rows, HALF, ROWS)
     x1, x2 = _halves(x_ptr, offs, mask, HALF)
     r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
     dtype = y_ptr.dtype.element_ty
@@ -56,12 +62,7 @@ def _norm_rope_fwd(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, H, T, eps,
 @triton.jit
 def _norm_rope_bwd(dy_ptr, x_ptr, cos_ptr, sin_ptr, dx_ptr, n_rows, H, T, eps,
                    HALF: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, HALF)
-    in_range = rows < n_rows
-    rows = tl.where(in_range, rows, 0)
-    mask = in_range[:, None]
-    offs = rows[:, None] * (2 * HALF) + cols[None, :]
+    rows, cols, mask, offs = _block(n_rows, HALF, ROWS)
     dy1, dy2 = _halves(dy_ptr, offs, mask, HALF)
     x1, x2 = _halves(x_ptr, offs, mask, HALF)
     c, s = _tables(cos_ptr, sin_ptr, rows, H, T, cols, HALF)
