@@ -9,6 +9,7 @@ measured on a GPU (the closing note of #4), not asserted here.
 import io
 import json
 import math
+import pickle
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ import torch
 
 from _train_utils import TINY, TRAIN_PY, recipe_of
 from mlx_ar.backends import compile_ahead
-from mlx_ar.backends.cuda_backend import CudaBackend, compile_ahead_wanted, load_torch_file
+from mlx_ar.backends.cuda_backend import KERNEL_SWITCHES, CudaBackend, compile_ahead_wanted, load_torch_file
 
 V, T = 97, 32
 
@@ -98,7 +99,6 @@ def test_kernel_launches_wait_for_kernel_helpers_and_the_update_for_all(tmp_path
     argv = procs["optimizer"].argv
     assert argv[:3] == [sys.executable, "-m", "mlx_ar.backends.compile_ahead"] and argv[3] == "optimizer"
     with open(argv[4], "rb") as f:               # every helper reads the same pickled spec
-        import pickle
         given = pickle.load(f)
     assert given["recipe"] == recipe_of(TINY) and given["started"] > 0
     # each helper compiles its own kernels only, and starts no helpers of its own
@@ -181,6 +181,15 @@ def test_start_gives_jobs_to_standby_helpers_first_and_releases_the_rest(tmp_pat
     assert compile_ahead._standby == [] and compile_ahead._released == [extra[1]]
     compile_ahead._stop_all()
     assert compile_ahead._released == [] and not list(tmp_path.glob("*.log"))
+
+    idle = compile_ahead.stand_by(1, env={}, log_dir=tmp_path, popen=FakeStandby)
+    assert compile_ahead.start([], spec(), log_dir=tmp_path) == []             # all stamped: no jobs
+    assert idle[0].proc.closed and compile_ahead._standby == []
+    idle = compile_ahead.stand_by(1, env={}, log_dir=tmp_path, popen=FakeStandby)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):     # a spec that cannot be sent
+        compile_ahead.start(["optimizer"], spec(compile_options={"backend": lambda gm, inputs: gm}), log_dir=tmp_path)
+    assert idle[0].proc.closed and idle[0].proc.stdin.getvalue() == b"" and compile_ahead._standby == []
+    compile_ahead._stop_all()
 
 
 def test_a_real_standby_helper_runs_the_job_it_is_given_and_one_given_none_exits(tmp_path):
@@ -329,7 +338,7 @@ def test_code_fingerprint_follows_what_the_optimizer_uses_and_nothing_else(tmp_p
 
 
 def test_optimizer_key_ignores_learning_rates_but_not_what_the_update_bakes_in(monkeypatch):
-    for switch in compile_ahead.SWITCHES.values():
+    for switch in KERNEL_SWITCHES.values():
         monkeypatch.setenv(switch, "torch")      # no custom kernels, so no kernel jobs, on any machine
 
     def keys(**overrides):

@@ -171,7 +171,7 @@ def test_fast_attention_false_in_train_torch_declines_the_kernel(cpu_kernels):
     model = tt.build_model(recipe, 97, T, attention=fa4.attention)
     assert model.masks.kernel is None
     backend = SimpleNamespace(on_gpu=True)
-    label = CudaBackend._kernel_labels(backend, model, None, "x", "y")["attention"]          # offered, declined
+    label = CudaBackend._kernel_labels(backend, model, None, "x", "y", "z")["attention"]          # offered, declined
     assert label == "torch sdpa+flex (fa4 not used: FAST_ATTENTION = False in train_torch.py)"
-    label = CudaBackend._kernel_labels(backend, model, "flash-attn-4 is not installed", "x", "y")["attention"]
+    label = CudaBackend._kernel_labels(backend, model, "flash-attn-4 is not installed", "x", "y", "z")["attention"]
     assert label.endswith("(fa4 not used: flash-attn-4 is not installed)")

@@ -178,16 +178,16 @@ def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):
     model = tt.build_model(recipe_of(TINY), 97, T, mlp=quack_mlp.mlp)
     assert all(b.mlp.kernel is None for b in model.blocks)
     backend = SimpleNamespace(on_gpu=True)
-    labels = CudaBackend._kernel_labels(backend, model, "x", None, "y")            # offered, declined
+    labels = CudaBackend._kernel_labels(backend, model, "x", None, "y", "z")            # offered, declined
     assert labels["mlp"] == "torch (quack not used: FAST_MLP = False in train_torch.py)"
-    labels = CudaBackend._kernel_labels(backend, model, "x", "quack-kernels is not installed", "y")
+    labels = CudaBackend._kernel_labels(backend, model, "x", "quack-kernels is not installed", "y", "z")
     assert labels["mlp"] == "torch (quack not used: quack-kernels is not installed)"
     tt.FAST_MLP = True
     model = tt.build_model(recipe_of(TINY), 97, T, mlp=quack_mlp.mlp)
-    label = CudaBackend._kernel_labels(backend, model, "x", None, "y")["mlp"]
+    label = CudaBackend._kernel_labels(backend, model, "x", None, "y", "z")["mlp"]
     assert label.startswith("quack ") and label.endswith("default tiles)")
     model = tt.build_model(recipe_of(TINY), 97, T, mlp=functools.partial(quack_mlp.mlp, tuned=True))
-    assert CudaBackend._kernel_labels(backend, model, "x", None, "y")["mlp"].endswith("autotuned)")
+    assert CudaBackend._kernel_labels(backend, model, "x", None, "y", "z")["mlp"].endswith("autotuned)")
 
 
 # --- the real kernels ---------------------------------------------------------------------------

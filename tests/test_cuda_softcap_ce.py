@@ -166,13 +166,13 @@ def test_fast_loss_false_in_train_torch_declines_the_kernel():
     model = tt.build_model(recipe_of(TINY), 97, T, loss=softcap_ce.cross_entropy)
     assert model.loss_kernel is None
     backend = SimpleNamespace(on_gpu=True)
-    labels = CudaBackend._kernel_labels(backend, model, "x", "y", None)            # offered, declined
+    labels = CudaBackend._kernel_labels(backend, model, "x", "y", None, "z")            # offered, declined
     assert labels["loss"] == "torch (triton not used: FAST_LOSS = False in train_torch.py)"
-    labels = CudaBackend._kernel_labels(backend, model, "x", "y", "triton is not installed")
+    labels = CudaBackend._kernel_labels(backend, model, "x", "y", "triton is not installed", "z")
     assert labels["loss"] == "torch (triton not used: triton is not installed)"
     tt.FAST_LOSS = True
     model = tt.build_model(recipe_of(TINY), 97, T, loss=softcap_ce.cross_entropy)
-    label = CudaBackend._kernel_labels(backend, model, "x", "y", None)["loss"]
+    label = CudaBackend._kernel_labels(backend, model, "x", "y", None, "z")["loss"]
     assert label.startswith("triton ") and label.endswith("(soft-capped cross-entropy and its gradient in one pass)")
 
 

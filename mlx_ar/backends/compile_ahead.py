@@ -59,8 +59,6 @@ from pathlib import Path
 ENV = "MLX_AR_COMPILE_AHEAD"      # 0: no helpers (the cuda backend reads it)
 # Each kernel job keeps its own kernel families and sets the others' switches to torch.
 KERNEL_JOBS = {"attention": ("attention",), "mlp+loss+rope": ("mlp", "loss", "norm_rope")}
-SWITCHES = {"attention": "MLX_AR_ATTENTION", "mlp": "MLX_AR_MLP", "loss": "MLX_AR_LOSS",
-            "norm_rope": "MLX_AR_NORM_ROPE"}
 JOBS = (*KERNEL_JOBS, "optimizer")
 TIMEOUT = 600.0                    # seconds the training process waits for a helper before going on alone
 TAIL = 1500                        # characters of a failed helper's log that are shown
@@ -149,9 +147,11 @@ def mark_done(keys: dict, folder: Path) -> None:
 def job_env(job: str, env=os.environ) -> dict:
     """The helper's environment: the kernel switches of the families it does not compile set to torch,
     and no helpers of its own."""
+    from .cuda_backend import KERNEL_SWITCHES
+
     out = {**env, ENV: "0"}
     keep = KERNEL_JOBS.get(job, ())
-    for family, switch in SWITCHES.items():
+    for family, switch in KERNEL_SWITCHES.items():
         if family not in keep:
             out[switch] = "torch"
     return out
@@ -232,7 +232,9 @@ def standby_wanted(compile_mode: str | None, env=os.environ, gpus=Path("/proc/dr
     """Start standby helpers now, before torch is imported? When helpers are not switched off, the
     model is to be compiled, and the NVIDIA driver lists a GPU this process may see. A wrong guess
     costs little: the backend releases them once it knows (release_standby)."""
-    if env.get(ENV) == "0" or (compile_mode or env.get("MLX_AR_TORCH_COMPILE", "").lower()) == "none":
+    from .cuda_backend import COMPILE_ENV   # no torch import: the backend imports torch when created
+
+    if env.get(ENV) == "0" or (compile_mode or env.get(COMPILE_ENV, "").lower()) == "none":
         return False
     if env.get("CUDA_VISIBLE_DEVICES") in ("", "-1") or _standby or _running:
         return False
@@ -272,26 +274,27 @@ def start(jobs, spec: dict, env=os.environ, log_dir=None, popen=subprocess.Popen
     `spec` is pickled to a file the helpers read; they are waited for by `wait`.
     """
     jobs = list(jobs)
-    if not jobs:
+    try:
+        if not jobs:
+            return []
+        data = pickle.dumps({**spec, "started": time.time()})   # raises before any file exists
+        fd, spec_path = tempfile.mkstemp(prefix="mlx_ar_ahead_", suffix=".pkl", dir=log_dir)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        helpers = []
+        for job in jobs:
+            if _standby:
+                helper = _standby.pop(0)
+                helper.give(job, spec_path, job_env(job, env))
+            else:
+                argv = [sys.executable, "-m", __name__, job, spec_path]
+                helper = Helper(job, argv, env=job_env(job, env), log_dir=log_dir, popen=popen)
+            helpers.append(helper)
+        _running.extend(helpers)
+        _spec_files.append(spec_path)
+        return helpers
+    finally:
         release_standby()
-        return []
-    data = pickle.dumps({**spec, "started": time.time()})   # raises before any file exists
-    fd, spec_path = tempfile.mkstemp(prefix="mlx_ar_ahead_", suffix=".pkl", dir=log_dir)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    helpers = []
-    for job in jobs:
-        if _standby:
-            helper = _standby.pop(0)
-            helper.give(job, spec_path, job_env(job, env))
-        else:
-            argv = [sys.executable, "-m", __name__, job, spec_path]
-            helper = Helper(job, argv, env=job_env(job, env), log_dir=log_dir, popen=popen)
-        helpers.append(helper)
-    release_standby()
-    _running.extend(helpers)
-    _spec_files.append(spec_path)
-    return helpers
 
 
 def wait(jobs=JOBS, timeout: float = TIMEOUT, out=None) -> list:

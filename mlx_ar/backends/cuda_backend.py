@@ -48,8 +48,8 @@ Choices, and why:
   step against 56-79 s on a fresh machine). Where they are not cached yet, helper processes,
   started before this process imports torch, compile the kernels and the optimizer update
   while this process compiles the model (compile_ahead.py; a 23-24 s first step against 56 s on
-  one fresh machine); `MLX_AR_COMPILE_AHEAD=0` turns them off. Inductor runs with INDUCTOR_OPTIONS, and the cache-key tag carries a hash of the
-  kernel modules (compile_cache_tag).
+  one fresh machine); `MLX_AR_COMPILE_AHEAD=0` turns them off. Inductor runs with
+  INDUCTOR_OPTIONS, and the cache-key tag carries a hash of the kernel modules (compile_cache_tag).
 
     backend = CudaBackend(train_globals)
     backend.build(recipe, vocab_size, seq_len, seed)
@@ -81,6 +81,8 @@ QUACK_TUNING_CACHE_ENV = "QUACK_CACHE_AUTOTUNING"
 GRAPH_ENV = "MLX_AR_CUDA_GRAPH"
 LOSS_ENV = "MLX_AR_LOSS"
 NORM_ROPE_ENV = "MLX_AR_NORM_ROPE"
+# Each kernel family's switch (compile-ahead helpers set the ones they do not compile to torch).
+KERNEL_SWITCHES = {"attention": ATTENTION_ENV, "mlp": MLP_ENV, "loss": LOSS_ENV, "norm_rope": NORM_ROPE_ENV}
 # Inductor settings for every compiled graph. One launch configuration per pointwise kernel: timing
 # several on a kernel's first call took 6-7 s of every start-up (the choice was not reloaded when the
 # compiled model came from the cache), and steps ran as fast without it (H100, depth 8: 276.6-277.3
@@ -459,15 +461,12 @@ class CudaBackend:
         """Start a compile-ahead helper for each job whose pieces are not known to be cached."""
         self._ahead_keys = self.compile_ahead_keys()
         jobs = compile_ahead.plan(self._ahead_keys, compile_ahead.stamp_dir())
-        if not jobs:
-            compile_ahead.release_standby()
-            return
         spec = {"train_file": str(self.train_file), "recipe": recipe, "vocab_size": vocab_size,
                 "seq_len": seq_len, "seed": seed, "compile_options": self.user_compile_options}
         try:
-            compile_ahead.start(jobs, spec)
+            if not compile_ahead.start(jobs, spec):      # all stamped: the standby helpers are let go
+                return
         except (pickle.PicklingError, TypeError, AttributeError) as e:   # e.g. a compiler given as a function
-            compile_ahead.release_standby()
             print(f"compile-ahead: no helpers ({type(e).__name__}: {e}); compiling here", file=sys.stderr, flush=True)
             return
         print(f"compile-ahead: {', '.join(jobs)} compiling in helper processes", file=sys.stderr, flush=True)
@@ -517,7 +516,7 @@ class CudaBackend:
         return norm_rope.norm_rope, None
 
     def _kernel_labels(self, model, why_attention: str | None, why_mlp: str | None, why_loss: str | None,
-                       why_norm_rope: str | None = None) -> dict:
+                       why_norm_rope: str | None) -> dict:
         """What the built model runs attention, the MLP, the training loss and q/k's norm and RoPE
         with, for the record.
 
