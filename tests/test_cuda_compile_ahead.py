@@ -106,6 +106,7 @@ def test_kernel_launches_wait_for_kernel_helpers_and_the_update_for_all(tmp_path
                                       compile_ahead.ENV: "0"}
     assert procs["mlp+loss+rope"].env == {**env, "MLX_AR_ATTENTION": "torch", compile_ahead.ENV: "0"}
     assert procs["optimizer"].env["MLX_AR_MLP"] == "torch" and procs["optimizer"].env["MLX_AR_ATTENTION"] == "torch"
+    assert compile_ahead.job_env("backward", env) == {**env, compile_ahead.ENV: "0"}   # the model as chosen here
 
     out = io.StringIO()
     waited = compile_ahead.wait(compile_ahead.KERNEL_JOBS, out=out)
@@ -272,6 +273,73 @@ def test_the_loss_op_takes_the_forward_gate_before_its_launch(monkeypatch):
     assert gates == [True]
 
 
+def test_the_first_backward_waits_for_the_backward_helper_unless_the_model_was_cached(tmp_path, monkeypatch):
+    out = io.StringIO()
+    assert compile_ahead.gate_backward(lambda: "loss", out=out) == "loss"     # no helper: just the forward
+    hits = iter([0, 0])
+    monkeypatch.setattr(compile_ahead, "cache_hits", lambda: next(hits))
+    popen = lambda argv, stdout, **kw: FakeProc(argv, stdout, output=json.dumps({"ready_seconds": 3.0}), **kw)
+    backward, optimizer = compile_ahead.start(["backward", "optimizer"], spec(), log_dir=tmp_path, popen=popen)
+    calls = []
+    assert compile_ahead.gate_backward(lambda: calls.append("forward") or "loss", out=out) == "loss"
+    assert calls == ["forward"] and backward.proc.waited and not optimizer.proc.waited
+    assert "ready after backward 3.0 s" in out.getvalue()
+    assert [h.job for h in compile_ahead._running] == ["optimizer"]
+
+    # The forward came from the caches: so does the backward; the helper is stopped, not waited for.
+    slow = compile_ahead.Helper("backward", [sys.executable, "-c", "import time; time.sleep(60)"], log_dir=tmp_path)
+    compile_ahead._running.append(slow)
+    hits = iter([4, 5])
+    assert compile_ahead.gate_backward(lambda: "loss", out=out) == "loss"
+    assert slow.proc.poll() is not None and slow not in compile_ahead._running
+    assert "backward helper stopped" in out.getvalue()
+    compile_ahead._stop_all()
+
+
+def test_the_backward_helper_compiles_the_backward_graph_the_training_process_then_loads(tmp_path, monkeypatch):
+    """On the CPU with inductor: the job traces the model and compiles only its backward (the
+    forward stand-in never runs); a fresh compile of the same model in this process then takes the
+    backward from inductor's cache and computes the same gradients as eager."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    with inductor_config.patch(compile_threads=1):                    # no worker pool for two small graphs
+        _backward_job_then_training_compile()
+
+
+def _backward_job_then_training_compile():
+    from torch._dynamo.utils import counters
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.up, self.out = torch.nn.Embedding(V, 16), torch.nn.Linear(16, 32), torch.nn.Linear(32, V)
+
+        def forward(self, idx, targets):
+            z = self.out(torch.relu(self.up(self.emb(idx))).square())
+            return torch.nn.functional.cross_entropy(z.view(-1, V), targets.view(-1))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_ahead.compile_backward_only(torch.compile(model, fullgraph=True, dynamic=False), 2, 8, "cpu")
+    assert counters["inductor"]["fxgraph_cache_miss"] == 1                  # the backward alone
+    assert all(p.grad is None for p in model.parameters())                   # nothing ran
+
+    torch._dynamo.reset()
+    counters.clear()
+    x, y = torch.randint(0, V, (2, 8)), torch.randint(0, V, (2, 8))
+    torch.compile(model, fullgraph=True, dynamic=False)(x, y).backward()
+    assert (counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"]) == (1, 1)
+    compiled = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x, y).backward()
+    for got, want in zip(compiled, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
 # --- whether helpers start ---------------------------------------------------------------------
 def test_stamps_say_which_jobs_still_need_a_helper(tmp_path):
     keys = {"attention": "k1", "optimizer": "k2"}
@@ -369,6 +437,28 @@ def test_kernel_jobs_are_keyed_by_the_kernels_and_the_model_config():
     assert "mlp+loss+rope" in b.compile_ahead_keys()
 
 
+def test_the_backward_job_is_keyed_by_the_model_file_its_config_kernels_and_batch_shape(tmp_path, monkeypatch):
+    for switch in KERNEL_SWITCHES.values():
+        monkeypatch.setenv(switch, "torch")
+    train = tmp_path / "train.py"
+    train.write_text(TRAIN_PY.read_text())
+    model_file = tmp_path / "train_torch.py"
+    model_file.write_text((TRAIN_PY.parent / "train_torch.py").read_text())
+
+    def keys(mode="model", **overrides):
+        b = CudaBackend({"__file__": str(train)}, compile_mode=mode)    # on the CPU torch.compile is lazy
+        b.build(recipe_of({**TINY, **overrides}), V, T, seed=0)
+        return b.compile_ahead_keys()
+
+    base = keys()["backward"]
+    assert "backward" not in keys(mode="none") and "backward" not in keys(mode="blocks")
+    assert keys(EMBEDDING_LR=0.3)["backward"] == base          # the update's business, not the graph's
+    assert keys(DEPTH=3)["backward"] != base
+    assert keys(DEVICE_BATCH_SIZE=32)["backward"] != base      # rows per forward (train.py: 16)
+    model_file.write_text(model_file.read_text().replace("NORM_EPS = 1e-6", "NORM_EPS = 2e-6"))
+    assert keys()["backward"] != base
+
+
 def test_helpers_that_cannot_be_given_the_spec_are_skipped_with_a_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(compile_ahead, "stamp_dir", lambda: tmp_path)
     monkeypatch.setattr(compile_ahead.tempfile, "tempdir", str(tmp_path))
@@ -435,6 +525,16 @@ def test_a_helper_process_runs_a_job_through_the_entry_point(tmp_path):
     assert "ready after optimizer" in out.getvalue(), out.getvalue()
     assert helpers[0].report["job"] == "optimizer" and helpers[0].report["ready_seconds"] > 0
     assert not list(tmp_path.iterdir())           # spec and log removed
+
+
+def test_a_helper_compiles_with_few_inductor_workers(tmp_path):
+    import torch._inductor.config as inductor_config
+
+    path = tmp_path / "spec.pkl"
+    path.write_bytes(pickle.dumps(spec(compile_options={"backend": "aot_eager"})))
+    with inductor_config.patch(compile_threads=16):
+        assert compile_ahead.run("optimizer", str(path)) == 0
+        assert inductor_config.compile_threads == compile_ahead.HELPER_COMPILE_THREADS < 16
 
 
 def test_the_entry_point_needs_a_job_and_a_spec():

@@ -59,11 +59,13 @@ from pathlib import Path
 ENV = "MLX_AR_COMPILE_AHEAD"      # 0: no helpers (the cuda backend reads it)
 # Each kernel job keeps its own kernel families and sets the others' switches to torch.
 KERNEL_JOBS = {"attention": ("attention",), "mlp+loss+rope": ("mlp", "loss", "norm_rope")}
-JOBS = (*KERNEL_JOBS, "optimizer")
+# `backward` traces the whole model with every kernel the training process chose.
+JOBS = (*KERNEL_JOBS, "backward", "optimizer")
 TIMEOUT = 600.0                    # seconds the training process waits for a helper before going on alone
 TAIL = 1500                        # characters of a failed helper's log that are shown
 FORWARD_DONE = "compile-ahead: forward kernels compiled"   # a kernel helper's line before its backward
 POLL = 0.05                        # seconds between looks at the kernel helpers' logs
+HELPER_COMPILE_THREADS = 4         # inductor's compile workers per helper (at most)
 
 _running = []                      # helpers started by start() and not yet waited for
 _standby = []                      # helpers started by stand_by() and not yet given a job
@@ -145,12 +147,12 @@ def mark_done(keys: dict, folder: Path) -> None:
 
 
 def job_env(job: str, env=os.environ) -> dict:
-    """The helper's environment: the kernel switches of the families it does not compile set to torch,
-    and no helpers of its own."""
+    """The helper's environment: the kernel switches of the families it does not compile set to torch
+    (the backward job keeps them all), and no helpers of its own."""
     from .cuda_backend import KERNEL_SWITCHES
 
     out = {**env, ENV: "0"}
-    keep = KERNEL_JOBS.get(job, ())
+    keep = tuple(KERNEL_SWITCHES) if job == "backward" else KERNEL_JOBS.get(job, ())
     for family, switch in KERNEL_SWITCHES.items():
         if family not in keep:
             out[switch] = "torch"
@@ -367,9 +369,39 @@ def wait_kernels(forward_only: bool = False, timeout: float = TIMEOUT, out=None)
         _remove_spec_files()
 
 
-def running() -> bool:
-    """Is a helper started and not yet waited for?"""
-    return bool(_running)
+def running(job: str | None = None) -> bool:
+    """Is a helper (of `job`, if given) started and not yet waited for?"""
+    return any(job is None or h.job == job for h in _running)
+
+
+def cache_hits() -> int:
+    """How many graphs this process has loaded from torch.compile's caches so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
+
+
+def gate_backward(forward, out=None):
+    """Run forward() (the first micro-batch's compiled forward) and return its result; while the
+    backward helper runs, first make sure the backward compile that follows finds its work.
+
+    The backward graph is compiled at the first backward call, so this waits for the helper after
+    the forward: unless the forward came from the caches, whose entry holds the backward too. Then
+    the helper is not needed and is stopped.
+    """
+    if not running("backward"):
+        return forward()
+    hits = cache_hits()
+    result = forward()
+    if cache_hits() > hits:
+        for helper in [h for h in _running if h.job == "backward"]:
+            _running.remove(helper)
+            helper.stop()
+        print("compile-ahead: the model came from the caches; backward helper stopped", file=out or sys.stderr,
+              flush=True)
+    else:
+        wait(("backward",), out=out)
+    return result
 
 
 def retry_out_of_memory(run, reset, error=MemoryError):
@@ -435,7 +467,7 @@ def run_job(job: str, spec: dict) -> dict:
     if job not in JOBS:
         raise ValueError(f"unknown compile-ahead job {job!r}; choose one of {', '.join(JOBS)}")
     t0 = time.perf_counter()
-    mode = "model" if job == "optimizer" else "none"
+    mode = "model" if job in ("backward", "optimizer") else "none"
     backend = CudaBackend({"__file__": spec["train_file"]}, compile_mode=mode,
                           compile_options=spec.get("compile_options"))
     backend.helpers_wanted = False  # a helper starts no helpers
@@ -447,6 +479,8 @@ def run_job(job: str, spec: dict) -> dict:
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         backend.optimizer.step()
+    elif job == "backward":
+        done["compiled"] = compile_backward_only(backend._loss, spec["rows"], spec["seq_len"], backend.device)
     else:
         gen = torch.Generator().manual_seed(0)
         x, y = (torch.randint(0, spec["vocab_size"], (1, spec["seq_len"]), generator=gen).to(backend.device)
@@ -461,6 +495,49 @@ def run_job(job: str, spec: dict) -> dict:
     if "started" in spec:          # wall time since the training process started this helper
         done["ready_seconds"] = round(time.time() - spec["started"], 1)
     return done
+
+
+class _ForwardSkipped(Exception):
+    """Raised by the backward job's stand-in for the compiled forward."""
+
+
+def compile_backward_only(compiled_loss, rows: int, seq_len: int, device) -> bool:
+    """Compile the backward graph of `compiled_loss` (a torch.compile'd model) for (rows, seq_len)
+    token batches, and nothing else; True when it was compiled.
+
+    Dynamo and AOTAutograd trace the model as the training process does; inductor's compile of the
+    forward is replaced by a stand-in that raises when run, and the backward is compiled at once
+    (not at its first call), so nothing runs on the GPU and no activations are allocated. The
+    backward lands in inductor's cache, keyed by its graph, where the training process finds it.
+    AOTAutograd's own cache stays off here: its entry would hold the stand-in forward.
+    """
+    import functools
+
+    import torch
+    from torch._inductor import compile_fx as cfx
+
+    real_compile_fx, real_inner = cfx.compile_fx, cfx.compile_fx_inner
+
+    def inner(gm, example_inputs, **kwargs):
+        if kwargs.get("is_backward"):
+            return real_inner(gm, example_inputs, **kwargs)
+
+        def skipped(args):
+            raise _ForwardSkipped()
+        skipped._boxed_call = True
+        return skipped
+
+    cfx.compile_fx = functools.partial(real_compile_fx, inner_compile=inner)
+    try:
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=True, enable_autograd_cache=False):
+            # Two tensors, as in training: one passed twice would be one graph input, another graph.
+            inputs, targets = (torch.zeros((rows, seq_len), dtype=torch.long, device=device) for _ in range(2))
+            compiled_loss(inputs, targets)
+    except _ForwardSkipped:
+        return True
+    finally:
+        cfx.compile_fx = real_compile_fx
+    return False
 
 
 def standby(stdin=None) -> int:
@@ -483,6 +560,11 @@ def standby(stdin=None) -> int:
 
 
 def run(job: str, spec_path: str) -> int:
+    import torch._inductor.config as inductor_config
+
+    # Fewer compile workers than the training process: each worker imports torch, and five
+    # processes' pools of one per core kept the CPUs too busy for the training process's compile.
+    inductor_config.compile_threads = min(inductor_config.compile_threads, HELPER_COMPILE_THREADS)
     with open(spec_path, "rb") as f:
         spec = pickle.load(f)
     print(json.dumps(run_job(job, spec)), flush=True)   # the last line: Helper.report

@@ -301,6 +301,17 @@ def choose_norm_rope(device, head_dim: int, env=os.environ, probe=None) -> tuple
     return choose_kernel(NORM_ROPE_ENV, "triton", "the Triton q/k norm + RoPE", lambda: probe(device, head_dim), env)
 
 
+def micro_batch_shape(recipe: dict, seq_len: int):
+    """(rows, seq_len) of the token batches each forward gets, as the harness splits a step
+    (batch_geometry); None when the recipe's batch sizes are not valid (the harness says why)."""
+    from ..harness.main import batch_geometry
+
+    try:
+        return batch_geometry(recipe, seq_len)[2], seq_len
+    except ValueError:
+        return None
+
+
 def load_torch_file(path):
     """Execute train_torch.py as a fresh module (a new one per call, like trainfile.load_train)."""
     path = Path(path).resolve()
@@ -429,6 +440,7 @@ class CudaBackend:
             optimizer.compile(**self.compile_options)
         self.graphed, self._steps = None, 0
         self._ahead_keys = {}
+        self._batch_shape = micro_batch_shape(recipe, seq_len)
         if self.helpers_wanted:
             self._start_helpers(recipe, vocab_size, seq_len, seed)
         if graph_wanted(self.on_gpu, self.compile_mode):
@@ -439,9 +451,11 @@ class CudaBackend:
         """{job: key} for the built model: what each compile-ahead job's compiled code depends on.
 
         Kernel jobs: the kernels chosen (their labels: versions, quack's tiles), the model's config
-        and the kernel modules (in the cache tag). The optimizer: its code in train_torch.py
-        (code_fingerprint), the parameters' shapes and the optimizer's constants. A key that misses
-        a change only costs time: this process then compiles what it finds missing from the caches.
+        and the kernel modules (in the cache tag). The backward (a compiled whole model only): all
+        of train_torch.py, the model's config, the kernels and the batch shape. The optimizer: its
+        code in train_torch.py (code_fingerprint), the parameters' shapes and the optimizer's
+        constants. A key that misses a change only costs time: this process then compiles what it
+        finds missing from the caches.
         """
         torch = self.torch
         common = (torch.__version__, self.device_name(), torch.compiler.config.cache_key_tag)
@@ -450,6 +464,11 @@ class CudaBackend:
             used = [self.kernels[f] for f in families if not self.kernels.get(f, "torch").startswith("torch")]
             if used:
                 keys[job] = compile_ahead.key(job, common, used, repr(self.model.cfg))
+        if self.compile_mode == "model" and self._batch_shape:
+            source = hashlib.sha256(self.torch_file.read_bytes()).hexdigest()
+            keys["backward"] = compile_ahead.key("backward", common, source, repr(self.model.cfg),
+                                                 sorted(self.kernels.items()), self._batch_shape,
+                                                 repr(self.user_compile_options))
         shapes = [(n, tuple(p.shape), str(p.dtype)) for n, p in self.model.named_parameters()]
         code = compile_ahead.code_fingerprint(self.tt, [type(self.optimizer)])
         keys["optimizer"] = compile_ahead.key("optimizer", common, code, shapes,
@@ -462,7 +481,8 @@ class CudaBackend:
         self._ahead_keys = self.compile_ahead_keys()
         jobs = compile_ahead.plan(self._ahead_keys, compile_ahead.stamp_dir())
         spec = {"train_file": str(self.train_file), "recipe": recipe, "vocab_size": vocab_size,
-                "seq_len": seq_len, "seed": seed, "compile_options": self.user_compile_options}
+                "seq_len": seq_len, "seed": seed, "compile_options": self.user_compile_options,
+                "rows": self._batch_shape[0] if self._batch_shape else None}
         try:
             if not compile_ahead.start(jobs, spec):      # all stamped: the standby helpers are let go
                 return
@@ -574,7 +594,8 @@ class CudaBackend:
         n = len(xs)
         total = None
         for x, y in zip(xs, ys):
-            loss = self._loss(x, y)
+            # The first backward compiles: the backward helper's graph must be in the cache by then.
+            loss = compile_ahead.gate_backward(lambda: self._loss(x, y))
             (loss / n).backward()
             total = loss.detach() if total is None else total + loss.detach()
         compile_ahead.wait()               # the first update finds the helper's compiled code cached
