@@ -10,18 +10,24 @@ recipe and each compiles one piece, in parallel with the model's compile here:
 
 - `attention`, `mlp+loss+rope`: the model, with only that job's kernels chosen, runs one eager
   forward and backward on a one-row batch, which compiles those kernels;
+- `backward`: the compiled model is traced at the training batch's shape and only its backward
+  graph is compiled (compile_backward_only): inductor compiles a model's forward and backward
+  one after the other, so here the training process compiles the forward while the helper
+  compiles the backward, and the training process's backward compile finds it cached (gate_backward
+  waits for the helper before the first backward; its cache key matched in 12 of 14 cold runs on
+  an H100, and a miss only means this process compiles the backward itself);
 - `optimizer`: the compiled optimizer update runs once on zero gradients.
 
 What a helper compiles lands in the on-disk caches (FA4's, quack's, Triton's, inductor's); the
-training process finds it there when it reaches that piece. A kernel helper says when its
-forward kernels are compiled (FORWARD_DONE) and goes on with the backward's; the training
-process waits for that line before its first forward kernel launch
+training process finds it there when it reaches that piece. Helpers compile with at most
+HELPER_COMPILE_THREADS inductor workers each, so the training process's compile keeps cores.
+A kernel helper says when its forward kernels are compiled (FORWARD_DONE) and goes on with the
+backward's; the training process waits for that line before its first forward kernel launch
 (`wait_kernels(forward_only=True)`), and for the kernel helpers to finish before its first
-backward kernel launch (`wait_kernels()`), so its own backward compile (inductor lowers the
-backward graph when it first runs) overlaps theirs. It waits for every helper (`wait`) before
-its first optimizer update. The optimizer helper holds a copy of the parameters and optimizer state
-(and a CUDA context) until then; if the first step runs out of GPU memory while it does, the
-step waits for it and runs again (`retry_out_of_memory`). A helper that fails or runs out of
+backward kernel launch (`wait_kernels()`). It waits for every helper (`wait`) before its first
+optimizer update. The optimizer helper holds a copy of the parameters and optimizer state (and
+a CUDA context) until then; if the first step runs out of GPU memory while it does, the step
+waits for it and runs again (`retry_out_of_memory`). A helper that fails or runs out of
 time costs only time: the training process compiles that piece itself.
 
 Helpers are started early: `stand_by` starts one per job when the backend is created, before
@@ -37,12 +43,13 @@ come from the caches at once.
     jobs = plan(keys, stamp_dir)        # {job: key} for the jobs without a stamp
     start(jobs, spec, env)              # in build(), after the model and optimizer exist
     wait_kernels(forward_only=True)     # before the first forward kernel launch
+    loss = gate_backward(forward)       # the first forward, then the backward helper
     wait_kernels()                      # before the first backward kernel launch
     wait()                              # before the first optimizer update
     mark_done(keys, stamp_dir)          # after the first step
 
 `python -m mlx_ar.backends.compile_ahead JOB SPEC` is a helper; SPEC is a pickled dict with the
-train.py path, recipe, vocab size, sequence length and seed. `... --standby` is a helper that
+train.py path, recipe, vocab size, sequence length, seed and rows per forward. `... --standby` is a helper that
 reads its job, SPEC and environment as one JSON line on its input (none: it exits).
 """
 import atexit
