@@ -49,8 +49,9 @@ Choices, and why:
   step against 56-79 s on a fresh machine). Where they are not cached yet, helper processes,
   started before this process imports torch, compile the kernels, the model's backward graph and
   the optimizer update while this process compiles the model's forward (compile_ahead.py; a
-  20-22 s first step against 65 s on one fresh machine); `MLX_AR_COMPILE_AHEAD=0` turns them off. Inductor runs with
-  INDUCTOR_OPTIONS, and the cache-key tag carries a hash of the kernel modules (compile_cache_tag).
+  20-22 s first step against 65 s on one fresh machine); `MLX_AR_COMPILE_AHEAD=0` turns them
+  off. Inductor runs with INDUCTOR_OPTIONS, and the cache-key tag carries a hash of the kernel
+  modules (compile_cache_tag).
 
     backend = CudaBackend(train_globals)
     backend.build(recipe, vocab_size, seq_len, seed)
