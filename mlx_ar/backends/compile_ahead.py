@@ -31,8 +31,9 @@ waits for it and runs again (`retry_out_of_memory`). A helper that fails or runs
 time costs only time: the training process compiles that piece itself.
 
 Helpers are started early: `stand_by` starts one per job when the backend is created, before
-this process imports torch, and each imports torch and sets up the GPU (together 7-10 s on an
-H100 machine) while this process does the same and builds the model; `start` then hands each a
+this process imports torch, and each imports torch and torch.compile's modules and sets up the
+GPU (together 10-12 s on an H100 machine, nearly all of it imports) while this process does the
+same and builds the model; `start` then hands each a
 job, and lets the ones it does not need exit.
 
 A stamp per job (`key`: a hash of what the job's compiled code depends on) is written after a
@@ -49,8 +50,8 @@ come from the caches at once.
     mark_done(keys, stamp_dir)          # after the first step
 
 `python -m mlx_ar.backends.compile_ahead JOB SPEC` is a helper; SPEC is a pickled dict with the
-train.py path, recipe, vocab size, sequence length, seed and rows per forward. `... --standby` is a helper that
-reads its job, SPEC and environment as one JSON line on its input (none: it exits).
+train.py path, recipe, vocab size, sequence length, seed and rows per forward. `... --standby` is
+a helper that reads its job, SPEC and environment as one JSON line on its input (none: it exits).
 """
 import atexit
 import hashlib
@@ -464,8 +465,9 @@ def _last_json(text: str) -> dict:
 def run_job(job: str, spec: dict) -> dict:
     """Compile `job`'s piece for the model that `spec` describes; returns what it did (for its log).
 
-    spec: train_file, recipe, vocab_size, seq_len, seed, and optionally compile_options (tests
-    pass a cheaper compiler). Kernel jobs take the kernel switches from the environment (job_env).
+    spec: train_file, recipe, vocab_size, seq_len, seed, rows (per forward; the backward job's
+    batch shape), and optionally compile_options (tests pass a cheaper compiler). Kernel jobs take
+    the kernel switches from the environment (job_env).
     """
     import torch
 
@@ -550,14 +552,14 @@ def compile_backward_only(compiled_loss, rows: int, seq_len: int, device) -> boo
 def standby(stdin=None) -> int:
     """A standby helper: import and set up now, then run the job given on `stdin` (none: exit)."""
     import torch
-    import torch._inductor.compile_fx  # noqa: F401  (the compiler's own imports, about a second)
+    import torch._inductor.compile_fx  # noqa: F401  (the compiler's own imports: 6-7 s on an H100 machine)
 
     import importlib
 
     importlib.import_module(f"{__package__}.cuda_backend")   # what run_job imports, now
 
     if torch.cuda.is_available():
-        torch.zeros(1, device="cuda")  # the CUDA context: several seconds on an H100 machine
+        torch.zeros(1, device="cuda")  # the CUDA context (under a second on an H100 machine)
     line = (stdin or sys.stdin).readline()
     if not line.strip():
         return 0                       # released: no job for this helper
