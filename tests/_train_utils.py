@@ -1,4 +1,8 @@
-"""Load train.py (optionally with recipe constants overridden) as a fresh module for tests."""
+"""Shared test helpers: train.py loaded as a fresh module with recipe constants overridden, tiny
+configs, model pairs compared loss for loss, dynamo graphs, and runs of the Triton interpreter."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from mlx_ar.harness.trainfile import load_train as _load
@@ -76,3 +80,12 @@ def dynamo_graph(fn, *args):
     torch._dynamo.reset()
     torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)(*args)
     return graphs[0]
+
+
+def run_interpreted(script: str) -> str:
+    """Run tests/<script> in a fresh process with TRITON_INTERPRET=1 (Triton reads it when first
+    imported, and torch.compile imports it) and return its output; its exit code must be 0."""
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / script)], cwd=ROOT,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout

@@ -6,14 +6,11 @@ keeps the graph cacheable, that the model trains through it, and the backend's c
 Triton kernels run on the CPU through Triton's interpreter where Triton is installed (CI
 installs it), in a fresh process. The gpu-marked test runs the compiled kernels.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, dynamo_graph, model_pair, recipe_of
+from _train_utils import (ROOT, TINY, assert_same_loss_and_grads, counting, dynamo_graph, model_pair, recipe_of,
+                          run_interpreted)
 from mlx_ar.backends import norm_rope
 from mlx_ar.backends.cuda_backend import NORM_ROPE_ENV, CudaBackend, choose_norm_rope, load_torch_file
 
@@ -147,10 +144,8 @@ def test_triton_kernels_match_the_reference_in_the_interpreter():
     fresh process: tests/_norm_rope_interpreted.py (partial blocks, positions per batch row, large
     values, zero rows, bad input)."""
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "_norm_rope_interpreted.py")], cwd=ROOT,
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok ") == 9, done.stdout
+    out = run_interpreted("_norm_rope_interpreted.py")
+    assert out.count("ok ") == 9, out
 
 
 # --- the compiled kernels -----------------------------------------------------------------------

@@ -8,14 +8,11 @@ installs it), in a fresh process, on both of its paths (a row held at once, and 
 chunks). The
 gpu-marked test runs the compiled kernel.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, dynamo_graph, model_pair, recipe_of
+from _train_utils import (ROOT, TINY, assert_same_loss_and_grads, counting, dynamo_graph, model_pair, recipe_of,
+                          run_interpreted)
 from mlx_ar.backends import softcap_ce
 from mlx_ar.backends.cuda_backend import LOSS_ENV, CudaBackend, choose_loss, load_torch_file
 
@@ -182,10 +179,8 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
     interpreted kernel runs in a fresh process: tests/_softcap_ce_interpreted.py, which checks
     both of the kernel's paths, both shifts, odd sizes, saturated logits, strided rows and bad input."""
     pytest.importorskip("triton")
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "_softcap_ce_interpreted.py")], cwd=ROOT,
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok ") == 9, done.stdout
+    out = run_interpreted("_softcap_ce_interpreted.py")
+    assert out.count("ok ") == 9, out
 
 
 # --- the compiled kernel ------------------------------------------------------------------------
