@@ -34,14 +34,12 @@ import torch.nn.functional as F
 DTYPE = torch.bfloat16             # weights and residual stream; logits and loss in float32
 NS_DTYPE = torch.bfloat16          # Newton-Schulz runs in bf16, as train.py's; tests use float32
 NORM_EPS = 1e-6                    # RMS-norm epsilon (train.py's mx.fast.rms_norm eps)
-FAST_ATTENTION = True              # take the backend's FlashAttention-4 kernel for every layer where it
-                                   # runs; set False when changing Masks' attention math, or FA4 bypasses it
-FAST_MLP = True                    # take the backend's fused relu² MLP (quack GEMMs) where it runs;
-                                   # set False when changing MLP's math, or the kernel bypasses it
-FAST_LOSS = True                   # take the backend's fused soft-capped cross-entropy (Triton) for training;
-                                   # set False when changing head_loss's math, or the kernel bypasses it
-FAST_NORM_ROPE = True              # take the backend's fused q/k RMS norm + RoPE (Triton) where it runs; set
-                                   # False when changing rms_norm, apply_rope or NORM_EPS's use on q and k
+FAST_ATTENTION = True              # take the backend's FlashAttention-4 kernel for every layer where it runs
+FAST_MLP = True                    # take the backend's fused relu² MLP (quack GEMMs) where it runs
+FAST_LOSS = True                   # take the backend's fused soft-capped cross-entropy (Triton) for training
+FAST_NORM_ROPE = True              # take the backend's fused q/k RMS norm + RoPE (Triton) where it runs
+# Each kernel computes the code it replaces as shipped: set its flag False in the same edit that
+# changes that code, or the run is refused (program.md lists which code each flag covers).
 
 
 # --- recipe -----------------------------------------------------------------------------------

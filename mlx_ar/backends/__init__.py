@@ -48,11 +48,10 @@ def get_backend(name: str, train_file, overrides: dict | None = None) -> Backend
         from .mlx_backend import MLXBackend
         return MLXBackend(vars(load_train(train_file, overrides)))
     if name == "cuda":
-        from . import compile_ahead
+        from .cuda_backend import CudaBackend, before_torch_import
 
-        compile_ahead.stand_by_if_wanted()  # its helpers import torch while this process does (compile_ahead.py)
+        before_torch_import()
         _require("torch", "cuda", name)
-        from .cuda_backend import CudaBackend
         return CudaBackend({"__file__": str(Path(train_file).resolve())})
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 

@@ -32,9 +32,9 @@ time costs only time: the training process compiles that piece itself.
 
 Helpers are started early: `stand_by` starts one per job when the backend is created, before
 this process imports torch, and each imports torch and torch.compile's modules and sets up the
-GPU (together 10-12 s on an H100 machine, nearly all of it imports) while this process does the
-same and builds the model; `start` then hands each a
-job, and lets the ones it does not need exit.
+GPU (nearly all of it imports: 10-12 s on an H100 machine whose Python compiles torch afresh at
+each import, about 4 s with its bytecode cached by bytecode.py) while this process does the same
+and builds the model; `start` then hands each a job, and lets the ones it does not need exit.
 
 A stamp per job (`key`: a hash of what the job's compiled code depends on) is written after a
 first step that got through; a later run with the same stamp starts no helper, since its pieces
@@ -552,7 +552,7 @@ def compile_backward_only(compiled_loss, rows: int, seq_len: int, device) -> boo
 def standby(stdin=None) -> int:
     """A standby helper: import and set up now, then run the job given on `stdin` (none: exit)."""
     import torch
-    import torch._inductor.compile_fx  # noqa: F401  (the compiler's own imports: 6-7 s on an H100 machine)
+    import torch._inductor.compile_fx  # noqa: F401  (6-7 s on an H100 machine, about 2 s with cached bytecode)
 
     import importlib
 

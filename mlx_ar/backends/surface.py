@@ -17,9 +17,14 @@ run, because the receipt's diff would still claim it. Comments and blank lines a
     reason = refuse_reason("cuda", {"train.py": old_src}, {"train.py": new_src})
     if reason: ...refuse with `reason`...
 
+On cuda, fused kernels may run in place of parts of train_torch.py while its FAST_* flags are on
+(KERNEL_PARTS). Those parts must then be the code the kernels compute, as shipped: an edit of
+one with its flag on is refused too (bypass_reason), by the ledger and again by the backend.
+
 Sources are `str` or `bytes` (as read from git), or None for a file that does not exist.
 """
 import ast
+import hashlib
 
 MUTABLE_FILES = {"mlx": ["train.py"], "cuda": ["train.py", "train_torch.py"]}
 
@@ -92,14 +97,123 @@ def inert_changes(backend: str, old_sources: dict, new_sources: dict) -> list[st
 def refuse_reason(backend: str, old_sources: dict, new_sources: dict) -> str | None:
     """Why the candidate `new_sources` must be refused on `backend`, or None when it may run.
 
-    Refuses any edit of code the backend does not execute (see the module docstring).
+    Refuses any edit of code the backend does not execute (see the module docstring), and on
+    cuda an edit of code that a fast kernel replaces while its FAST_* flag is on (bypass_reason).
     `old_sources` / `new_sources` map paths (relative to the repository root) to sources.
     """
     found = inert_changes(backend, old_sources, new_sources)
     if not found:
-        return None
+        kernel_file = new_sources.get(KERNEL_FILE)
+        if EXECUTED[backend].get(KERNEL_FILE) != "all" or kernel_file is None:
+            return None
+        try:
+            return bypass_reason(kernel_file)
+        except SyntaxError:
+            return None  # the syntax check and the run itself report it
     allowed = " and ".join(
         f"the recipe constants of {p}" if EXECUTED[backend].get(p) == "recipe" else p
         for p in MUTABLE_FILES[backend])
     return (f"the change would not run on the {backend} backend: it edits " + "; ".join(found)
             + f". Revert that part; on {backend} edit only {allowed} (see program.md)")
+
+
+# --- code a fast kernel replaces ----------------------------------------------------------------
+# With FAST_<X> = True in train_torch.py, the cuda backend may run a fused kernel in place of these
+# parts of it, and the kernels compute them as shipped. So while a flag is on, its parts must be
+# as shipped (comments, docstrings and layout aside), or a run would report an edit it bypassed.
+# Values: fingerprints of the shipped parts' syntax (`kernel_fingerprints`). A part is a top-level
+# function or class, "Class.method", or "Class.method/if attr": the `if` on `self.attr` in it.
+KERNEL_PARTS = {
+    "FAST_ATTENTION": {"window_mask": "28e5660a79f8986a", "Masks": "800590c10228a112"},
+    "FAST_MLP": {"MLP.forward": "0f667560cf0f3d72"},
+    "FAST_LOSS": {"SoftcapCrossEntropy": "512456a114ffd789", "GPT.head_loss": "dd4a38acd66e765d"},
+    "FAST_NORM_ROPE": {"rms_norm": "daa322be8e9bdbc6", "apply_rope": "39f9d4959fa433be",
+                       "Attention.forward/if norm_rope": "693604c065a3be9a"},
+}
+KERNEL_FILE = "train_torch.py"
+
+
+def _canonical(node) -> str:
+    """A syntax tree as text, the same on every Python this project supports: empty and None
+    fields are left out (newer Pythons add some, e.g. type_params), and so are docstrings."""
+    if isinstance(node, list):
+        return "[" + ",".join(_canonical(v) for v in node) + "]"
+    if not isinstance(node, ast.AST):
+        return repr(node)
+    fields = []
+    for name, value in ast.iter_fields(node):
+        if name == "body" and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            value = value[1:] if value and ast.get_docstring(node, clean=False) is not None else value
+        if value is None or value == []:
+            continue
+        fields.append(f"{name}={_canonical(value)}")
+    return f"{type(node).__name__}({' '.join(fields)})"
+
+
+def _find_part(tree: ast.Module, part: str):
+    """The syntax node of `part` (see KERNEL_PARTS) in `tree`, or None."""
+    path, _, cond = part.partition("/if ")
+    node, scope = None, tree.body
+    for name in path.split("."):
+        node = next((n for n in scope if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name), None)
+        if node is None:
+            return None
+        scope = node.body
+    if cond:
+        node = next((n for n in ast.walk(node) if isinstance(n, ast.If) and any(
+            isinstance(a, ast.Attribute) and a.attr == cond for a in ast.walk(n.test))), None)
+    return node
+
+
+def kernel_fingerprints(source: str) -> dict:
+    """{flag: {part: fingerprint or None when missing}} of `source` (a train_torch.py)."""
+    tree = ast.parse(source, filename=KERNEL_FILE)
+    found = {}
+    for flag, parts in KERNEL_PARTS.items():
+        found[flag] = {}
+        for part in parts:
+            node = _find_part(tree, part)
+            found[flag][part] = None if node is None else \
+                hashlib.sha256(_canonical(node).encode()).hexdigest()[:16]
+    return found
+
+
+def fast_flags(source: str) -> dict:
+    """{flag: on} for KERNEL_PARTS' flags in `source`: on when assigned anything but a literal
+    False. A file without a flag has no switch for that kernel (a test's stand-in): off."""
+    flags = dict.fromkeys(KERNEL_PARTS, False)
+    for node in ast.parse(source, filename=KERNEL_FILE).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name in flags:
+                flags[name] = not (isinstance(node.value, ast.Constant) and node.value.value is False)
+    return flags
+
+
+def bypassed_edits(source) -> dict:
+    """{flag: [part, ...]} of the edits in a train_torch.py `source` that a fast kernel would
+    bypass: the parts of KERNEL_PARTS that differ from the shipped code while their flag is on."""
+    source = _text(source)
+    flags, prints = fast_flags(source), kernel_fingerprints(source)
+    found = {}
+    for flag, parts in KERNEL_PARTS.items():
+        changed = [p + (" (removed)" if prints[flag][p] is None else "")
+                   for p, shipped in parts.items() if prints[flag][p] != shipped]
+        if flags[flag] and changed:
+            found[flag] = changed
+    return found
+
+
+class BypassedEdit(ValueError):
+    """A run was asked to report an edit that a fast kernel would bypass (bypass_reason)."""
+
+
+def bypass_reason(source) -> str | None:
+    """Why a run of this train_torch.py `source` must be refused, or None: see bypassed_edits."""
+    found = bypassed_edits(source)
+    if not found:
+        return None
+    what = "; ".join(f"{', '.join(parts)} (the {flag} kernel computes it as shipped)" for flag, parts in found.items())
+    return (f"{KERNEL_FILE} edits code that a fast kernel replaces: {what}. "
+            f"Set {' and '.join(f'{flag} = False' for flag in found)} in {KERNEL_FILE} to run the edit, "
+            f"or revert it (see program.md)")
