@@ -87,8 +87,9 @@ def run_fresh(pkg, cache, **extra):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pkg), str(ROOT)]), "MLX_AR_CACHE": str(cache),
            "PYTHONDONTWRITEBYTECODE": "1", **extra}
     env.pop("PYTHONPYCACHEPREFIX", None)
-    return subprocess.run([sys.executable, "-B", "-c", RUN], env=env, capture_output=True, text=True,
-                          check=True).stdout
+    done = subprocess.run([sys.executable, "-B", "-c", RUN], env=env, capture_output=True, text=True, check=True)
+    assert "bytecode:" not in done.stdout            # stdout may be JSON (`mlx-ar bench --json`)
+    return done.stdout + done.stderr
 
 
 def test_a_fresh_interpreter_caches_its_and_its_childrens_bytecode_outside_the_sources(pkg, tmp_path):

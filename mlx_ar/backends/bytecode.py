@@ -45,7 +45,7 @@ def uncached_reason(package: str) -> str | None:
 
 
 def _say(line: str) -> None:
-    print(line, flush=True)
+    print(line, file=sys.stderr, flush=True)   # stdout may be machine-read (`mlx-ar bench --json`)
 
 
 def cache_bytecode(package: str, env=None, root: Path | None = None, echo=_say) -> Path | None:
