@@ -134,8 +134,8 @@ KERNEL_FILE = "train_torch.py"
 
 
 def _canonical(node) -> str:
-    """A syntax tree as text, the same on every Python this project supports: empty and None
-    fields are left out (newer Pythons add some, e.g. type_params), and so are docstrings."""
+    """A syntax tree as text, docstrings left out. Empty and None fields are left out too, since
+    newer Pythons add some (type_params); the shipped fingerprints agree on 3.11 and 3.12."""
     if isinstance(node, list):
         return "[" + ",".join(_canonical(v) for v in node) + "]"
     if not isinstance(node, ast.AST):
