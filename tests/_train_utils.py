@@ -1,5 +1,6 @@
 """Shared test helpers: train.py loaded as a fresh module with recipe constants overridden, tiny
-configs, model pairs compared loss for loss, dynamo graphs, and runs of the Triton interpreter."""
+configs, model pairs compared loss for loss, kernel labels, dynamo graphs, and runs of the Triton
+interpreter."""
 import os
 import subprocess
 import sys
@@ -24,6 +25,17 @@ def recipe_of(overrides):
 def load_train(overrides=None):
     """A fresh module of train.py with recipe `overrides` applied."""
     return _load(TRAIN_PY, overrides)
+
+
+def kernel_label(model, family: str, why: str | None = None) -> str:
+    """The label a cuda backend on a GPU records for `family`'s kernel in `model`: `why` is why
+    the fast kernel was not offered (None: it was). The other families are not offered."""
+    from types import SimpleNamespace
+
+    from mlx_ar.backends.cuda_backend import KERNEL_SWITCHES, CudaBackend
+
+    whys = {f"why_{f}": why if f == family else "not offered in this test" for f in KERNEL_SWITCHES}
+    return CudaBackend._kernel_labels(SimpleNamespace(on_gpu=True), model, **whys)[family]
 
 
 def model_pair(tt, vocab_size: int, seq_len: int, **kernel):

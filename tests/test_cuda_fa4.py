@@ -9,7 +9,7 @@ gpu-marked test compares the real kernels with SDPA where FA4 runs.
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, model_pair, recipe_of
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads, kernel_label, model_pair, recipe_of
 from mlx_ar.backends import fa4
 from mlx_ar.backends.cuda_backend import ATTENTION_ENV, choose_attention, load_torch_file
 
@@ -160,18 +160,13 @@ def test_fa4_kernels_match_sdpa_on_the_gpu(window):
 
 def test_fast_attention_false_in_train_torch_declines_the_kernel(cpu_kernels):
     """An agent changing Masks' attention math sets FAST_ATTENTION = False, so FA4 cannot bypass it."""
-    from types import SimpleNamespace
-
-    from mlx_ar.backends.cuda_backend import CudaBackend
-
     tt = load_torch_file(ROOT / "train_torch.py")
     assert tt.FAST_ATTENTION is True
     recipe = recipe_of(TINY)
     tt.FAST_ATTENTION = False
     model = tt.build_model(recipe, 97, T, attention=fa4.attention)
     assert model.masks.kernel is None
-    backend = SimpleNamespace(on_gpu=True)
-    label = CudaBackend._kernel_labels(backend, model, None, "x", "y", "z")["attention"]          # offered, declined
+    label = kernel_label(model, "attention")                                           # offered, declined
     assert label == "torch sdpa+flex (fa4 not used: FAST_ATTENTION = False in train_torch.py)"
-    label = CudaBackend._kernel_labels(backend, model, "flash-attn-4 is not installed", "x", "y", "z")["attention"]
+    label = kernel_label(model, "attention", "flash-attn-4 is not installed")
     assert label.endswith("(fa4 not used: flash-attn-4 is not installed)")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from _train_utils import (ROOT, TINY, assert_same_loss_and_grads, counting, dynamo_graph, model_pair, recipe_of,
-                          run_interpreted)
+                          kernel_label, run_interpreted)
 from mlx_ar.backends import norm_rope
-from mlx_ar.backends.cuda_backend import NORM_ROPE_ENV, CudaBackend, choose_norm_rope, load_torch_file
+from mlx_ar.backends.cuda_backend import NORM_ROPE_ENV, choose_norm_rope, load_torch_file
 
 T = 32
 
@@ -120,21 +120,18 @@ def test_model_trains_through_the_kernel(tt):
 
 def test_fast_norm_rope_false_in_train_torch_declines_the_kernel():
     """An agent changing q/k's norm or rotation sets FAST_NORM_ROPE = False, so the kernel cannot bypass it."""
-    from types import SimpleNamespace
-
     tt = load_torch_file(ROOT / "train_torch.py")
     assert tt.FAST_NORM_ROPE is True
     tt.FAST_NORM_ROPE = False
     model = tt.build_model(recipe_of(TINY), 97, T, norm_rope=norm_rope.norm_rope)
     assert all(b.attn.norm_rope is None for b in model.blocks)
-    backend = SimpleNamespace(on_gpu=True)
-    labels = CudaBackend._kernel_labels(backend, model, "x", "y", "z", None)        # offered, declined
-    assert labels["norm_rope"] == "torch (triton not used: FAST_NORM_ROPE = False in train_torch.py)"
-    labels = CudaBackend._kernel_labels(backend, model, "x", "y", "z", "head_dim 96 is not a power of two")
-    assert labels["norm_rope"] == "torch (triton not used: head_dim 96 is not a power of two)"
+    label = kernel_label(model, "norm_rope")                                           # offered, declined
+    assert label == "torch (triton not used: FAST_NORM_ROPE = False in train_torch.py)"
+    label = kernel_label(model, "norm_rope", "head_dim 96 is not a power of two")
+    assert label == "torch (triton not used: head_dim 96 is not a power of two)"
     tt.FAST_NORM_ROPE = True
     model = tt.build_model(recipe_of(TINY), 97, T, norm_rope=norm_rope.norm_rope)
-    label = CudaBackend._kernel_labels(backend, model, "x", "y", "z", None)["norm_rope"]
+    label = kernel_label(model, "norm_rope")
     assert label.startswith("triton ") and label.endswith("(q/k RMS norm and RoPE in one pass each way)")
 
 

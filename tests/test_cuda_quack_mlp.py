@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, model_pair, recipe_of
+from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, kernel_label, model_pair, recipe_of
 from mlx_ar.backends import quack_mlp
 from mlx_ar.backends.cuda_backend import (MLP_ENV, QUACK_TUNE_ENV, CudaBackend, choose_mlp, load_torch_file,
                                           quack_tuning_wanted)
@@ -170,24 +170,21 @@ def test_model_with_the_fused_mlp_matches_its_own_mlp(cpu_kernels):
 
 def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):
     """An agent changing MLP's math sets FAST_MLP = False, so the fused kernel cannot bypass it."""
-    from types import SimpleNamespace
-
     tt = load_torch_file(ROOT / "train_torch.py")
     assert tt.FAST_MLP is True
     tt.FAST_MLP = False
     model = tt.build_model(recipe_of(TINY), 97, T, mlp=quack_mlp.mlp)
     assert all(b.mlp.kernel is None for b in model.blocks)
-    backend = SimpleNamespace(on_gpu=True)
-    labels = CudaBackend._kernel_labels(backend, model, "x", None, "y", "z")            # offered, declined
-    assert labels["mlp"] == "torch (quack not used: FAST_MLP = False in train_torch.py)"
-    labels = CudaBackend._kernel_labels(backend, model, "x", "quack-kernels is not installed", "y", "z")
-    assert labels["mlp"] == "torch (quack not used: quack-kernels is not installed)"
+    label = kernel_label(model, "mlp")                                                 # offered, declined
+    assert label == "torch (quack not used: FAST_MLP = False in train_torch.py)"
+    label = kernel_label(model, "mlp", "quack-kernels is not installed")
+    assert label == "torch (quack not used: quack-kernels is not installed)"
     tt.FAST_MLP = True
     model = tt.build_model(recipe_of(TINY), 97, T, mlp=quack_mlp.mlp)
-    label = CudaBackend._kernel_labels(backend, model, "x", None, "y", "z")["mlp"]
+    label = kernel_label(model, "mlp")
     assert label.startswith("quack ") and label.endswith("default tiles)")
     model = tt.build_model(recipe_of(TINY), 97, T, mlp=functools.partial(quack_mlp.mlp, tuned=True))
-    assert CudaBackend._kernel_labels(backend, model, "x", None, "y", "z")["mlp"].endswith("autotuned)")
+    assert kernel_label(model, "mlp").endswith("autotuned)")
 
 
 # --- the real kernels ---------------------------------------------------------------------------

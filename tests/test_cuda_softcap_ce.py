@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from _train_utils import (ROOT, TINY, assert_same_loss_and_grads, counting, dynamo_graph, model_pair, recipe_of,
-                          run_interpreted)
+                          kernel_label, run_interpreted)
 from mlx_ar.backends import softcap_ce
-from mlx_ar.backends.cuda_backend import LOSS_ENV, CudaBackend, choose_loss, load_torch_file
+from mlx_ar.backends.cuda_backend import LOSS_ENV, choose_loss, load_torch_file
 
 T = 32
 CAP = 15.0
@@ -155,21 +155,18 @@ def test_model_trains_through_the_kernel_and_evaluates_without_it():
 
 def test_fast_loss_false_in_train_torch_declines_the_kernel():
     """An agent changing head_loss's math sets FAST_LOSS = False, so the kernel cannot bypass it."""
-    from types import SimpleNamespace
-
     tt = load_torch_file(ROOT / "train_torch.py")
     assert tt.FAST_LOSS is True
     tt.FAST_LOSS = False
     model = tt.build_model(recipe_of(TINY), 97, T, loss=softcap_ce.cross_entropy)
     assert model.loss_kernel is None
-    backend = SimpleNamespace(on_gpu=True)
-    labels = CudaBackend._kernel_labels(backend, model, "x", "y", None, "z")            # offered, declined
-    assert labels["loss"] == "torch (triton not used: FAST_LOSS = False in train_torch.py)"
-    labels = CudaBackend._kernel_labels(backend, model, "x", "y", "triton is not installed", "z")
-    assert labels["loss"] == "torch (triton not used: triton is not installed)"
+    label = kernel_label(model, "loss")                                                # offered, declined
+    assert label == "torch (triton not used: FAST_LOSS = False in train_torch.py)"
+    label = kernel_label(model, "loss", "triton is not installed")
+    assert label == "torch (triton not used: triton is not installed)"
     tt.FAST_LOSS = True
     model = tt.build_model(recipe_of(TINY), 97, T, loss=softcap_ce.cross_entropy)
-    label = CudaBackend._kernel_labels(backend, model, "x", "y", None, "z")["loss"]
+    label = kernel_label(model, "loss")
     assert label.startswith("triton ") and label.endswith("(soft-capped cross-entropy and its gradient in one pass)")
 
 
