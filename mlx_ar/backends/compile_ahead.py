@@ -363,9 +363,8 @@ def wait_kernels(forward_only: bool = False, timeout: float = TIMEOUT, out=None)
             break
         time.sleep(POLL)
     out = out or sys.stderr
-    for h in pending:              # neither done nor exited in time: this process compiles them
-        _running.remove(h)
-        h.stop()
+    _stop(pending)                 # neither done nor exited in time: this process compiles them
+    for h in pending:
         print(f"compile-ahead {h.job}: no forward kernels after {timeout:g} s (stopped it); "
               f"this process compiles them instead", file=out, flush=True)
     wait([h.job for h in _running if h.job in KERNEL_JOBS and h.proc.poll() is not None], timeout, out)
@@ -402,9 +401,7 @@ def gate_backward(forward, out=None):
     hits = cache_hits()
     result = forward()
     if cache_hits() > hits:
-        for helper in [h for h in _running if h.job == "backward"]:
-            _running.remove(helper)
-            helper.stop()
+        _stop([h for h in _running if h.job == "backward"])
         print("compile-ahead: the model came from the caches; backward helper stopped", file=out or sys.stderr,
               flush=True)
     else:
@@ -427,6 +424,13 @@ def retry_out_of_memory(run, reset, error=MemoryError):
     wait()
     reset()
     return run()
+
+
+def _stop(helpers) -> None:
+    """Stop running `helpers` before they are done and forget them: this process compiles their pieces."""
+    for helper in helpers:
+        _running.remove(helper)
+        helper.stop()
 
 
 @atexit.register
