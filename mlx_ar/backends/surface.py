@@ -167,7 +167,16 @@ def _find_part(tree: ast.Module, part: str):
 
 def kernel_fingerprints(source: str) -> dict:
     """{flag: {part: fingerprint or None when missing}} of `source` (a train_torch.py)."""
-    tree = ast.parse(source, filename=KERNEL_FILE)
+    return _fingerprints(ast.parse(source, filename=KERNEL_FILE))
+
+
+def fast_flags(source: str) -> dict:
+    """{flag: on} for KERNEL_PARTS' flags in `source`: on when assigned anything but a literal
+    False. A file without a flag has no switch for that kernel (a test's stand-in): off."""
+    return _flags(ast.parse(source, filename=KERNEL_FILE))
+
+
+def _fingerprints(tree: ast.Module) -> dict:
     found = {}
     for flag, parts in KERNEL_PARTS.items():
         found[flag] = {}
@@ -178,11 +187,9 @@ def kernel_fingerprints(source: str) -> dict:
     return found
 
 
-def fast_flags(source: str) -> dict:
-    """{flag: on} for KERNEL_PARTS' flags in `source`: on when assigned anything but a literal
-    False. A file without a flag has no switch for that kernel (a test's stand-in): off."""
+def _flags(tree: ast.Module) -> dict:
     flags = dict.fromkeys(KERNEL_PARTS, False)
-    for node in ast.parse(source, filename=KERNEL_FILE).body:
+    for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
             if name in flags:
@@ -193,8 +200,8 @@ def fast_flags(source: str) -> dict:
 def bypassed_edits(source) -> dict:
     """{flag: [part, ...]} of the edits in a train_torch.py `source` that a fast kernel would
     bypass: the parts of KERNEL_PARTS that differ from the shipped code while their flag is on."""
-    source = _text(source)
-    flags, prints = fast_flags(source), kernel_fingerprints(source)
+    tree = ast.parse(_text(source), filename=KERNEL_FILE)
+    flags, prints = _flags(tree), _fingerprints(tree)
     found = {}
     for flag, parts in KERNEL_PARTS.items():
         changed = [p + (" (removed)" if prints[flag][p] is None else "")
