@@ -8,7 +8,10 @@ from mlx_ar.data.download import DownloadSettings, download_shards, fetch_one, s
 from mlx_ar.data.errors import DataError, DownloadError
 from mlx_ar.data.sources import climbmix_shard_name
 
-FAST = DownloadSettings(workers=4, retries=3, backoff=0.5, timeout=0.3, chunk_bytes=4096)
+# A 2-core CI machine under load can take longer than a fraction of a second to answer a healthy
+# request, so the timeout is generous and the "slow" fault waits well beyond it.
+FAST = DownloadSettings(workers=4, retries=3, backoff=0.5, timeout=2.0, chunk_bytes=4096)
+SLOW = 3 * FAST.timeout
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +32,16 @@ def leftovers(d):
 
 def test_faults_are_retried_and_every_shard_arrives_intact(tmp_path, shard_server, shard_bytes):
     names = list(shard_bytes)
-    server = shard_server(shard_bytes, faults={names[0]: ["500", "500"], names[1]: ["truncate"], names[2]: ["slow"]})
-    slept = []
-    paths = download_shards([0, 1, 6542], tmp_path, server.url, FAST, sleep=slept.append, stream=io.StringIO())
+    server = shard_server(shard_bytes, faults={names[0]: ["500", "500"], names[1]: ["truncate"], names[2]: ["slow"]},
+                           slow_seconds=SLOW)
+    slept, retries = [], []
+    paths = download_shards([0, 1, 6542], tmp_path, server.url, FAST, sleep=slept.append, log=retries.append,
+                            stream=io.StringIO())
     assert [p.name for p in paths] == names
     for p in paths:
         assert p.read_bytes() == shard_bytes[p.name]
-    assert server.count(names[0]) == 3 and server.count(names[1]) == 2 and server.count(names[2]) == 2
+    # The retry messages name the cause, should a healthy request ever be retried.
+    assert [server.count(n) for n in names] == [3, 2, 2], retries
     # Exponential backoff: the shard that failed twice waited backoff, then 2 * backoff.
     assert sorted(slept) == [0.5, 0.5, 0.5, 1.0]
     assert leftovers(tmp_path) == []
