@@ -226,8 +226,10 @@ def test_forward_launches_wait_for_forward_kernels_and_backward_launches_for_the
     """A kernel helper that has compiled its forward kernels keeps compiling its backward ones while
     this process goes on; one that has exited is reported; one that says nothing in time is stopped."""
     ready = json.dumps({"ready_seconds": 1.0})
+    go = tmp_path / "go"   # the attention helper finishes its backward kernels only once this exists
     scripts = {
-        "attention": f"import time; print({compile_ahead.FORWARD_DONE!r}, flush=True); time.sleep(1.0); print({ready!r})",
+        "attention": f"import os, time; print({compile_ahead.FORWARD_DONE!r}, flush=True)\n"
+                     f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\nprint({ready!r})",
         "mlp+loss+rope": f"print({ready!r})",
         "optimizer": "import time; time.sleep(60)",
     }
@@ -244,6 +246,7 @@ def test_forward_launches_wait_for_forward_kernels_and_backward_launches_for_the
     assert "ready after mlp+loss+rope 1.0 s" in out.getvalue()
     assert "forward kernels of attention ready" in out.getvalue()
     compile_ahead.wait_kernels(forward_only=True, out=out)          # said once: no second look
+    go.touch()
     compile_ahead.wait_kernels(out=out)                             # a backward launch: the rest
     assert helpers["attention"].proc.poll() == 0 and [h.job for h in compile_ahead._running] == ["optimizer"]
     assert "ready after attention 1.0 s" in out.getvalue()

@@ -16,7 +16,7 @@ PY = sys.executable
 
 def test_child_output_goes_to_the_log(tmp_path):
     beats = []
-    r = run_child([PY, "-c", "import sys, time; print('hello'); print('oops', file=sys.stderr); time.sleep(0.4); "
+    r = run_child([PY, "-c", "import sys, time; print('hello'); print('oops', file=sys.stderr); time.sleep(1.0); "
                               "print('last line'); sys.exit(3)"],
                   cwd=tmp_path, log_path=tmp_path / "a" / "train.log", timeout_s=10,
                   heartbeat=lambda s, line: beats.append(line), heartbeat_s=0.15)
