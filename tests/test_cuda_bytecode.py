@@ -25,6 +25,8 @@ def pkg(tmp_path, monkeypatch):
     src = tmp_path / "src"
     (src / "fakefw").mkdir(parents=True)
     (src / "fakefw" / "__init__.py").write_text("VALUE = 1\n")
+    (src / "fakefw" / "unused.py").write_text("VALUE = 3\n")               # never imported
+    (src / "fakefw" / "broken.py").write_text("def (:\n")                  # does not compile
     (src / "fakefw_child.py").write_text("VALUE = 2\n")
     monkeypatch.syspath_prepend(str(src))
     return src
@@ -77,7 +79,7 @@ def test_switched_off_or_prefix_already_chosen_changes_nothing(pkg, monkeypatch,
 RUN = textwrap.dedent("""
     import os, subprocess, sys
     from mlx_ar.backends import bytecode
-    print("folder", bytecode.cache_bytecode("fakefw"))
+    print("folder", bytecode.cache_bytecode("fakefw", precompile=("fakefw", "no_such_package_here")))
     import fakefw
     subprocess.run([sys.executable, "-c", "import fakefw_child"], check=True)
 """)
@@ -96,9 +98,16 @@ def test_a_fresh_interpreter_caches_its_and_its_childrens_bytecode_outside_the_s
     out = run_fresh(pkg, tmp_path / "cache")
     folder = tmp_path / "cache" / "pycache"
     assert f"folder {folder}" in out and "bytecode: cached in" in out
+    assert "bytecode: compiling fakefw once" in out and "bytecode: compiled in" in out
     assert cached_under(folder, pkg / "fakefw" / "__init__.py").is_file()
+    assert cached_under(folder, pkg / "fakefw" / "unused.py").is_file()    # compiled ahead, whole
+    assert not cached_under(folder, pkg / "fakefw" / "broken.py").exists()  # skipped, not fatal
     assert cached_under(folder, pkg / "fakefw_child.py").is_file()      # written by the child process
     assert not list(pkg.rglob("*.pyc"))                                 # nothing beside the sources
+
+    # The next run finds the package compiled: it only points Python at the cache.
+    out = run_fresh(pkg, tmp_path / "cache")
+    assert "bytecode: cached in" in out and "compiling" not in out
 
     # Switched off: nothing is cached and the interpreter keeps -B.
     out = run_fresh(pkg, tmp_path / "off", MLX_AR_PYCACHE="0")
@@ -116,11 +125,32 @@ def test_an_edited_source_is_recompiled_from_the_cache(pkg, tmp_path):
     assert "value 12345" in out
 
 
+def test_only_packages_without_bytecode_are_compiled_and_a_failure_is_said(pkg, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "prefix"))
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / "prefix")}
+    import py_compile
+
+    (pkg / "done.py").write_text("VALUE = 5\n")
+    py_compile.compile(str(pkg / "done.py"), cfile=str(pkg / "__pycache__" / f"done.{sys.implementation.cache_tag}.pyc"))
+    said = []
+    assert bytecode.compile_sources(["fakefw", "fakefw_child", "done", "sys"], env, said.append) == \
+        ["fakefw", "fakefw_child"]                       # done has its bytecode beside it; sys has no source
+    assert said[0].startswith("bytecode: compiling fakefw, fakefw_child once")
+    assert bytecode.compile_sources(["fakefw", "fakefw_child"], env, said.append) == [] and len(said) == 2
+
+    (pkg / "other.py").write_text("VALUE = 4\n")
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "elsewhere")   # the child writes where we do not look
+    assert bytecode.compile_sources(["other"], env, said.append) == []
+    assert "other could not be compiled ahead" in said[-1] and "each process compiles what it imports" in said[-1]
+
+
 def test_the_backend_caches_bytecode_before_the_standby_helpers_start(monkeypatch):
     from mlx_ar.backends import cuda_backend
 
     calls = []
-    monkeypatch.setattr(cuda_backend.bytecode, "cache_bytecode", lambda package: calls.append(("bytecode", package)))
+    monkeypatch.setattr(cuda_backend.bytecode, "cache_bytecode",
+                        lambda package, precompile: calls.append(("bytecode", package, precompile)))
     monkeypatch.setattr(cuda_backend.compile_ahead, "stand_by_if_wanted", lambda mode=None: calls.append(("standby", mode)))
     cuda_backend.before_torch_import("model")
-    assert calls == [("bytecode", "torch"), ("standby", "model")]
+    assert calls == [("bytecode", "torch", cuda_backend.IMPORTED_PACKAGES), ("standby", "model")]
+    assert {"torch", "triton", "flash_attn", "quack"} <= set(cuda_backend.IMPORTED_PACKAGES)

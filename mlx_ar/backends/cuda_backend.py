@@ -53,7 +53,8 @@ Choices, and why:
   off. Inductor runs with INDUCTOR_OPTIONS, and the cache-key tag carries a hash of the kernel
   modules (compile_cache_tag). Where Python would compile torch's sources afresh in every
   process (PYTHONDONTWRITEBYTECODE), their bytecode is cached first (bytecode.py: imports of
-  about 4 s instead of 10-12 s on an H100 machine).
+  about 4 s instead of 10-12 s on an H100 machine), and the first run compiles the packages of
+  IMPORTED_PACKAGES whole, on every core, before any process imports them.
 - The FAST_* flags: a kernel computes the train_torch.py code it replaces as shipped, so an
   edit of that code while its flag is on is refused before the model is built (surface.py's
   bypass_reason; the ledger refuses it before a run).
@@ -369,10 +370,15 @@ def load_numpy_weights(model, arrays: dict) -> None:
             p.copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)))
 
 
+# What a run imports, compiled whole where Python would compile it in every process (bytecode.py).
+IMPORTED_PACKAGES = ("torch", "triton", "sympy", "mpmath", "networkx", "jinja2", "numpy",
+                     "flash_attn", "quack", "cutlass", "einops")
+
+
 def before_torch_import(compile_mode: str | None = None) -> None:
     """What must happen before this process first imports torch: bytecode caching (bytecode.py),
     then the standby helpers, whose imports and GPU set-up overlap ours (compile_ahead.py)."""
-    bytecode.cache_bytecode("torch")
+    bytecode.cache_bytecode("torch", precompile=IMPORTED_PACKAGES)
     compile_ahead.stand_by_if_wanted(compile_mode)
 
 
