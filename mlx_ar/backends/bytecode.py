@@ -32,16 +32,24 @@ from pathlib import Path
 SWITCH = "MLX_AR_PYCACHE"
 
 
-def uncached_reason(package: str) -> str | None:
-    """Why every process compiles `package`'s sources afresh, or None when its bytecode is kept
-    (or it is not an installed source package)."""
+def _top_source(package: str) -> Path | None:
+    """The source file of `package`'s top module, or None when it is not an installed source package."""
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
-    pyc = Path(importlib.util.cache_from_source(spec.origin))
+    return Path(spec.origin)
+
+
+def uncached_reason(package: str) -> str | None:
+    """Why every process compiles `package`'s sources afresh, or None when its bytecode is kept
+    (or it is not an installed source package)."""
+    origin = _top_source(package)
+    if origin is None:
+        return None
+    pyc = Path(importlib.util.cache_from_source(str(origin)))
     if pyc.exists():
         return None
     if sys.dont_write_bytecode:
@@ -93,13 +101,9 @@ def cache_bytecode(package: str, env=None, root: Path | None = None, echo=_say,
 def _source_tree(package: str) -> Path | None:
     """`package`'s folder (or its one module file) when its top module has no bytecode beside it
     or under the current cache prefix; None when it has, or it is not an installed source package."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
+    origin = _top_source(package)
+    if origin is None:
         return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
-    origin = Path(spec.origin)
     beside = origin.parent / "__pycache__" / f"{origin.stem}.{sys.implementation.cache_tag}.pyc"
     if beside.exists() or Path(importlib.util.cache_from_source(str(origin))).exists():
         return None
