@@ -20,7 +20,8 @@ The first time, the `precompile` packages that have no bytecode yet are compiled
 child process on every core, before anything imports them. Otherwise the first run on a machine
 would compile them in each of its processes at once (the training process, the compile-ahead
 helpers and inductor's workers); on an H100 machine that run's start-up was 38.6 s against
-25.8-28.4 s once the cache was written.
+25.8-28.4 s once the cache was written. Compiled ahead on 16 cores, torch and the packages it
+brings took 4.3 s.
 """
 import importlib.util
 import os
