@@ -19,9 +19,9 @@ this off. Python still checks each cached file against its source, so an edit is
 The first time, the `precompile` packages that have no bytecode yet are compiled whole, by one
 child process on every core, before anything imports them. Otherwise the first run on a machine
 would compile them in each of its processes at once (the training process, the compile-ahead
-helpers and inductor's workers); on an H100 machine that run's start-up was 38.6 s against
-25.8-28.4 s once the cache was written. Compiled ahead on 16 cores, torch and the packages it
-brings took 4.3 s.
+helpers and inductor's workers). Through the harness on an H100 machine with 16 cores, that
+first run's start-up was 28.5-32.3 s (four runs); compiling ahead took 3.4-4.4 s and the start-up
+24.7-29.4 s (four runs), against 20.4 s once the cache was written.
 """
 import importlib.util
 import os
