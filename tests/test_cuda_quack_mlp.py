@@ -19,20 +19,20 @@ from mlx_ar.backends.cuda_backend import (MLP_ENV, QUACK_TUNE_ENV, CudaBackend, 
 T = 32
 
 
-SEEN_TUNED = []                    # the `tuned` flags the reference kernels were called with
+SEEN_TILES = []                    # the (tuned, tiles) the reference kernels were called with
 
 
-def reference_fwd(x, w_fc, w_proj, tuned):
+def reference_fwd(x, w_fc, w_proj, tuned, tiles):
     """(out, activation relu(pre)²) in x's dtype, computed in float32."""
-    SEEN_TUNED.append(tuned)
+    SEEN_TILES.append((tuned, tuple(tiles)))
     act = torch.relu(x.float() @ w_fc.float().T).square()
     return (act @ w_proj.float().T).to(x.dtype), act.to(x.dtype)
 
 
-def reference_bwd(dout, x, w_fc, w_proj, act, tuned):
+def reference_bwd(dout, x, w_fc, w_proj, act, tuned, tiles):
     """(dx, dw_fc, dw_proj) by the chain rule in float32, relu²'s derivative taken from its output
     (2 sqrt(act)) as the fused backward GEMM takes it."""
-    SEEN_TUNED.append(tuned)
+    SEEN_TILES.append((tuned, tuple(tiles)))
     dtype = x.dtype
     dout, x, w_fc, w_proj, act = (t.float() for t in (dout, x, w_fc, w_proj, act))
     dpre = (dout @ w_proj) * 2 * act.sqrt()
@@ -131,12 +131,22 @@ def test_ops_match_the_plain_mlp_forward_and_gradients(cpu_kernels):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tuned", [False, True])
-def test_the_tuning_flag_reaches_both_ops(cpu_kernels, tuned):
+@pytest.mark.parametrize("tuned, tiles", [(False, ()), (True, ()), (False, quack_mlp.HOPPER_TILES)])
+def test_the_tuning_flag_and_the_tiles_reach_both_ops(cpu_kernels, tuned, tiles):
     x, w_fc, w_proj, dy = _operands(2)
-    SEEN_TUNED.clear()
-    quack_mlp.mlp(x.requires_grad_(), w_fc, w_proj, tuned=tuned).backward(dy)
-    assert SEEN_TUNED == [tuned, tuned]                    # forward, then backward
+    SEEN_TILES.clear()
+    quack_mlp.mlp(x.requires_grad_(), w_fc, w_proj, tuned=tuned, tiles=tiles).backward(dy)
+    assert SEEN_TILES == [(tuned, tiles), (tuned, tiles)]  # forward, then backward
+
+
+def test_tiles_are_pinned_on_hopper_only_and_named_in_the_label():
+    assert quack_mlp.pinned_tiles((9, 0)) == quack_mlp.HOPPER_TILES == (192, 128, 1, 1, 2)
+    assert quack_mlp.pinned_tiles((9, 0), tuned=True) == ()         # the autotuner chooses
+    assert quack_mlp.pinned_tiles((10, 0)) == quack_mlp.pinned_tiles((8, 9)) == ()
+    assert quack_mlp.tiles_label(quack_mlp.HOPPER_TILES) == "192x128 pingpong tiles in 1x2 clusters"
+    assert quack_mlp.tiles_label((256, 128, 0, 2, 1)) == "256x128 tiles in 2x1 clusters"
+    assert quack_mlp.tiles_label(()) == "default tiles"
+    assert quack_mlp.tiles_label((), tuned=True) == "autotuned"
 
 
 def test_ops_compile_whole_and_match_eager(cpu_kernels):
@@ -185,6 +195,9 @@ def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):
     assert label.startswith("quack ") and label.endswith("default tiles)")
     model = tt.build_model(recipe_of(TINY), 97, T, mlp=functools.partial(quack_mlp.mlp, tuned=True))
     assert kernel_label(model, "mlp").endswith("autotuned)")
+    pinned = functools.partial(quack_mlp.mlp, tuned=False, tiles=quack_mlp.HOPPER_TILES)
+    model = tt.build_model(recipe_of(TINY), 97, T, mlp=pinned)
+    assert kernel_label(model, "mlp").endswith("(relu² in the GEMM epilogues, 192x128 pingpong tiles in 1x2 clusters)")
 
 
 # --- the real kernels ---------------------------------------------------------------------------

@@ -538,7 +538,8 @@ class CudaBackend:
         os.environ.setdefault(QUACK_TUNING_CACHE_ENV, "1")
         from . import quack_mlp
 
-        return functools.partial(quack_mlp.mlp, tuned=tuned), None
+        tiles = quack_mlp.pinned_tiles(self.torch.cuda.get_device_capability(self.device), tuned)
+        return functools.partial(quack_mlp.mlp, tuned=tuned, tiles=tiles), None
 
     def _loss_kernel(self):
         """(the fused Triton cross-entropy, None) where it is chosen, else (None, why not)."""
@@ -581,7 +582,8 @@ class CudaBackend:
         if kernel is not None:
             from . import quack_mlp
 
-            tiles = "autotuned" if getattr(kernel, "keywords", {}).get("tuned") else "default tiles"
+            keywords = getattr(kernel, "keywords", {})
+            tiles = quack_mlp.tiles_label(keywords.get("tiles", ()), keywords.get("tuned", False))
             labels["mlp"] = f"quack {quack_mlp.version()} (relu² in the GEMM epilogues, {tiles})"
         else:
             labels["mlp"] = fallback("torch", "torch", "quack", why_mlp, "FAST_MLP")

@@ -5,7 +5,7 @@ d/dpre relu(pre)² = 2 relu(pre) = 2 sqrt(relu(pre)²), so the forward's activat
 backward needs and the pre-activation is never written. Importing this module imports quack
 (CUDA machines with quack-kernels only); quack_mlp.py loads it inside its backward op.
 
-    dpre = drelu2(dout, w_proj, act, tuned=False)   # (M, d) @ (d, h), act (M, h) -> (M, h)
+    dpre = drelu2(dout, w_proj, act, tuned=False, config=None)   # (M, d) @ (d, h), act (M, h) -> (M, h)
 """
 import cutlass.cute as cute
 import torch
@@ -26,8 +26,12 @@ def drelu2_epilogue(acc, c):
     return {"D": acc * _sqrt(c) * 2.0}
 
 
-def drelu2(dout: torch.Tensor, w_proj: torch.Tensor, act: torch.Tensor, tuned: bool = False) -> torch.Tensor:
-    """(dout @ w_proj) * 2 sqrt(act), in act's dtype: the gradient at relu²'s input."""
+def drelu2(dout: torch.Tensor, w_proj: torch.Tensor, act: torch.Tensor, tuned: bool = False,
+           config=None) -> torch.Tensor:
+    """(dout @ w_proj) * 2 sqrt(act), in act's dtype: the gradient at relu²'s input.
+
+    config: a quack GemmConfig pinning the tiles (None: quack's default, or its autotuner when tuned).
+    """
     dpre = torch.empty_like(act)
-    drelu2_epilogue(dout, w_proj, act, out={"D": dpre}, tuned=tuned, dynamic_scheduler=True)
+    drelu2_epilogue(dout, w_proj, act, out={"D": dpre}, config=config, tuned=tuned, dynamic_scheduler=True)
     return dpre

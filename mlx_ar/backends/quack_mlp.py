@@ -11,9 +11,10 @@ derivative 2 relu(pre) is 2 sqrt(relu(pre)²)). Only the kernels differ; the mat
     reason = unavailable_reason(device, (d_model, hidden))   # None when the kernels can run
     y = mlp(x, w_fc, w_proj)                                   # x (..., d_model) bf16
     y = mlp(x, w_fc, w_proj, tuned=True)                       # tiles picked by quack's autotuner
+    y = mlp(x, w_fc, w_proj, tiles=pinned_tiles(capability))   # HOPPER_TILES on Hopper, else quack's default
 
 On a Hopper or Blackwell GPU with `quack-kernels` installed (it comes with the `fa4` extra), the
-cuda backend hands `mlp` to the model. The two GEMMs are wrapped as torch custom ops
+cuda backend hands `mlp` to the model, with the pinned tiles on Hopper. The two GEMMs are wrapped as torch custom ops
 (`mlx_ar::relu2_mlp_fwd`, `mlx_ar::relu2_mlp_bwd`) so torch.compile keeps them whole; the plain
 GEMMs (the second forward matmul, the weight gradients, dx) stay with cuBLAS. Kernels compile on
 first use and are cached on disk by quack; the autotuner's choices are cached too when
@@ -29,6 +30,12 @@ CAPABILITIES = (9, 10)             # quack's sm90 and sm100 GEMMs; other GPUs ke
 PACKAGE = "quack-kernels"
 ACTIVATION = "relu_sq"             # quack's name for relu(x) * x
 ALIGN = 8                          # bf16 elements per 16 bytes: the TMA loads need aligned rows
+# Tiles for both fused GEMMs on compute capability 9 (Hopper), as (tile_m, tile_n, pingpong,
+# cluster_m, cluster_n). On an H100 at the karpathy config (M 262144, d 512, hidden 2048) they ran
+# the forward in 0.77 ms against 0.84-0.86 ms and the backward in 1.15 against 1.16-1.21 ms with
+# quack's default (128x192 pingpong, 2x1 clusters); 128-wide N tiles also divide any hidden size
+# that is a multiple of 128, where 192 leaves a partial tile.
+HOPPER_TILES = (192, 128, 1, 1, 2)
 
 
 def unavailable_reason(device, dims, capability=None, find_spec=importlib.util.find_spec) -> str | None:
@@ -52,62 +59,93 @@ def version() -> str:
     return packages.version(PACKAGE)
 
 
+def pinned_tiles(capability, tuned: bool = False) -> tuple:
+    """The tiles to pin on a GPU of compute capability (major, minor), in HOPPER_TILES' form; ()
+    leaves them to quack (its default tiles, or its autotuner when tuned)."""
+    return () if tuned or capability[0] != 9 else HOPPER_TILES
+
+
+def tiles_label(tiles, tuned: bool = False) -> str:
+    """How the fused GEMMs' tiles were chosen, for the run record's kernel line."""
+    if tuned:
+        return "autotuned"
+    if not tiles:
+        return "default tiles"
+    m, n, pingpong, cm, cn = tiles
+    return f"{m}x{n} {'pingpong ' if pingpong else ''}tiles in {cm}x{cn} clusters"
+
+
+def _config(tiles, device):
+    """quack's GemmConfig pinning `tiles` on `device`; None (quack chooses) for ()."""
+    if not tiles:
+        return None
+    from quack.gemm_config import GemmConfig
+
+    m, n, pingpong, cm, cn = tiles
+    return GemmConfig(tile_m=m, tile_n=n, pingpong=bool(pingpong), cluster_m=cm, cluster_n=cn,
+                      device_capacity=torch.cuda.get_device_capability(device)[0], is_dynamic_persistent=False)
+
+
 # --- custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("mlx_ar::relu2_mlp_fwd", mutates_args=())
 def relu2_mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
-                  tuned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  tuned: bool, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, d), w_fc (h, d), w_proj (d, h) -> (out (M, d), activation relu(x @ w_fc.T)² (M, h)).
 
-    tuned: let quack's autotuner pick the fused GEMM's tiles (else its default tiles).
+    tuned: let quack's autotuner pick the fused GEMM's tiles; tiles: pinned tiles in HOPPER_TILES'
+    form, or [] for quack's default.
     """
     from quack.gemm_interface import gemm_act
 
     compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling them (compile_ahead.py)
-    act = gemm_act(x, w_fc.T, activation=ACTIVATION, store_preact=False, tuned=tuned)[1]
+    act = gemm_act(x, w_fc.T, activation=ACTIVATION, store_preact=False, tuned=tuned,
+                   config=_config(tiles, x.device))[1]
     return act @ w_proj.T, act
 
 
 @relu2_mlp_fwd.register_fake
-def _(x, w_fc, w_proj, tuned):
+def _(x, w_fc, w_proj, tuned, tiles):
     return x.new_empty((x.size(0), w_proj.size(0))), x.new_empty((x.size(0), w_fc.size(0)))
 
 
 @torch.library.custom_op("mlx_ar::relu2_mlp_bwd", mutates_args=())
 def relu2_mlp_bwd(dout: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
-                  act: torch.Tensor, tuned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  act: torch.Tensor, tuned: bool, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, dw_fc, dw_proj) from dout (M, d) and the forward's activation."""
     from .quack_drelu2 import drelu2
 
     compile_ahead.wait_kernels()   # a helper may be compiling these kernels (compile_ahead.py)
-    dpre = drelu2(dout, w_proj, act, tuned=tuned)
+    dpre = drelu2(dout, w_proj, act, tuned=tuned, config=_config(tiles, act.device))
     return dpre @ w_fc, dpre.T @ x, dout.T @ act
 
 
 @relu2_mlp_bwd.register_fake
-def _(dout, x, w_fc, w_proj, act, tuned):
+def _(dout, x, w_fc, w_proj, act, tuned, tiles):
     return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_fc, w_proj, ctx.tuned = inputs
+    x, w_fc, w_proj, ctx.tuned, ctx.tiles = inputs
     ctx.save_for_backward(x, w_fc, w_proj, output[1])
 
 
 def _backward(ctx, dout, dact):
     x, w_fc, w_proj, act = ctx.saved_tensors
-    return *torch.ops.mlx_ar.relu2_mlp_bwd(dout.contiguous(), x, w_fc, w_proj, act, ctx.tuned), None
+    return *torch.ops.mlx_ar.relu2_mlp_bwd(dout.contiguous(), x, w_fc, w_proj, act, ctx.tuned, ctx.tiles), None, None
 
 
 relu2_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def mlp(x, w_fc, w_proj, tuned: bool = False):
+def mlp(x, w_fc, w_proj, tuned: bool = False, tiles=()):
     """relu(x @ w_fc.T)² @ w_proj.T over the last axis of x (any leading shape), in x's dtype.
+
+    tiles: pinned GEMM tiles in HOPPER_TILES' form (see pinned_tiles), () for quack's default.
 
     tuned: quack's autotuner picks the fused GEMMs' tiles. On an H100 at the karpathy config that
     gained nothing (278.5 against 276.8 ms a step), and tuning compiles every candidate kernel
     once per matrix shape: about 60 s on a machine's first run (cached on disk afterwards).
     """
     flat = x.reshape(-1, x.size(-1)).contiguous()
-    out = torch.ops.mlx_ar.relu2_mlp_fwd(flat, w_fc, w_proj, tuned)[0]
+    out = torch.ops.mlx_ar.relu2_mlp_fwd(flat, w_fc, w_proj, tuned, list(tiles))[0]
     return out.view(*x.shape[:-1], out.size(-1))
