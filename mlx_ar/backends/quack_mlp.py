@@ -14,8 +14,8 @@ derivative 2 relu(pre) is 2 sqrt(relu(pre)²)). Only the kernels differ; the mat
     y = mlp(x, w_fc, w_proj, tiles=pinned_tiles(capability))   # HOPPER_TILES on Hopper, else quack's default
 
 On a Hopper or Blackwell GPU with `quack-kernels` installed (it comes with the `fa4` extra), the
-cuda backend hands `mlp` to the model, with the pinned tiles on Hopper. The two GEMMs are wrapped as torch custom ops
-(`mlx_ar::relu2_mlp_fwd`, `mlx_ar::relu2_mlp_bwd`) so torch.compile keeps them whole; the plain
+cuda backend hands `mlp` to the model, with the pinned tiles on Hopper. The two GEMMs are wrapped
+as torch custom ops (`mlx_ar::relu2_mlp_fwd`, `mlx_ar::relu2_mlp_bwd`) so torch.compile keeps them whole; the plain
 GEMMs (the second forward matmul, the weight gradients, dx) stay with cuBLAS. Kernels compile on
 first use and are cached on disk by quack; the autotuner's choices are cached too when
 QUACK_CACHE_AUTOTUNING=1, which the backend sets unless told otherwise.
