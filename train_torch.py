@@ -19,10 +19,11 @@ compare losses, gradients and one optimizer step). Full-context layers use SDPA'
 kernels; short windows run through flex_attention with block masks when the model is compiled
 on a GPU, and through SDPA with a boolean mask otherwise. Where the backend passes an attention
 kernel (FlashAttention-4 on Hopper and newer, when installed), that kernel runs every layer;
-where it passes an MLP kernel (quack's GEMMs with relu² in their epilogue), every MLP runs on it;
-where it passes a loss kernel (the soft-capped cross-entropy and its gradient in one Triton
-pass), the mean training loss goes through it; where it passes a norm-and-rotate kernel (Triton),
-attention's q/k RMS norm and RoPE run on it.
+where it passes an MLP kernel (quack's GEMMs with relu² in their epilogue), every MLP runs on it,
+and with it a residual kernel (quack's GEMM adding the residual as it stores) for both sublayers'
+output projections; where it passes a loss kernel (the soft-capped cross-entropy and its gradient
+in one Triton pass), the mean training loss goes through it; where it passes a norm-and-rotate
+kernel (Triton), attention's q/k RMS norm and RoPE run on it.
 """
 import math
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ DTYPE = torch.bfloat16             # weights and residual stream; logits and los
 NS_DTYPE = torch.bfloat16          # Newton-Schulz runs in bf16, as train.py's; tests use float32
 NORM_EPS = 1e-6                    # RMS-norm epsilon (train.py's mx.fast.rms_norm eps)
 FAST_ATTENTION = True              # take the backend's FlashAttention-4 kernel for every layer where it runs
-FAST_MLP = True                    # take the backend's fused relu² MLP (quack GEMMs) where it runs
+FAST_MLP = True                    # take the backend's quack GEMMs where they run: relu² MLP, residual-adding projections
 FAST_LOSS = True                   # take the backend's fused soft-capped cross-entropy (Triton) for training
 FAST_NORM_ROPE = True              # take the backend's fused q/k RMS norm + RoPE (Triton) where it runs
 # Each kernel computes the code it replaces as shipped: set its flag False in the same edit that
@@ -150,9 +151,15 @@ class Linear(nn.Module):
         else:
             w = torch.zeros((d_out, d_in), dtype=DTYPE)
         self.weight = nn.Parameter(w)
+        self.kernel = None             # the backend's residual + x @ W^T (build_model sets it)
 
-    def forward(self, x):
-        return F.linear(x, self.weight)
+    def forward(self, x, residual=None):
+        """x @ W^T, or residual + x @ W^T when a residual is given."""
+        if residual is None:
+            return F.linear(x, self.weight)
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, residual)
+        return residual + F.linear(x, self.weight)
 
 
 class Attention(nn.Module):
@@ -169,7 +176,8 @@ class Attention(nn.Module):
         self.masks = masks             # shared, not a submodule: holds no parameters
         self.norm_rope = None          # the backend's fused apply_rope(rms_norm(.)) (build_model sets it)
 
-    def forward(self, x, ve, cos, sin):
+    def forward(self, x, ve, cos, sin, residual):
+        """residual + attention over x (the already normed stream)."""
         B, T, _ = x.shape
         shape = (B, T, self.n_head, self.head_dim)
         q, k, v = self.c_q(x).view(shape), self.c_k(x).view(shape), self.c_v(x).view(shape)
@@ -182,7 +190,7 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
         y = self.masks.attend(q, k, v, self.window, self.scale)
-        return self.c_proj(y.reshape(B, T, -1))
+        return self.c_proj(y.reshape(B, T, -1), residual)
 
 
 class MLP(nn.Module):
@@ -192,10 +200,11 @@ class MLP(nn.Module):
         self.c_proj = Linear(cfg.mlp_hidden, cfg.d_model, init="zeros")
         self.kernel = None             # the backend's fused version of this forward (build_model sets it)
 
-    def forward(self, x):
+    def forward(self, x, residual):
+        """residual + relu(x @ W_fc^T)² @ W_proj^T."""
         if self.kernel is not None:
-            return self.kernel(x, self.c_fc.weight, self.c_proj.weight)
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+            return self.kernel(x, self.c_fc.weight, self.c_proj.weight, residual)
+        return self.c_proj(F.relu(self.c_fc(x)).square(), residual)
 
 
 class Block(nn.Module):
@@ -206,8 +215,9 @@ class Block(nn.Module):
 
     def forward(self, x, x0, resid_lambda, x0_lambda, ve, cos, sin):
         x = resid_lambda * x + x0_lambda * x0
-        x = x + self.attn(rms_norm(x), ve, cos, sin)
-        return x + self.mlp(rms_norm(x))
+        # Each sublayer adds its output to the stream inside its last matmul (Linear's residual).
+        x = self.attn(rms_norm(x), ve, cos, sin, residual=x)
+        return self.mlp(rms_norm(x), residual=x)
 
 
 class Masks:
@@ -337,14 +347,15 @@ class GPT(nn.Module):
 
 
 def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=False, attention=None,
-                mlp=None, loss=None, norm_rope=None) -> GPT:
+                mlp=None, loss=None, norm_rope=None, residual=None) -> GPT:
     """A GPT for `recipe`, initialised on `device` from torch's global RNG (seed it first).
 
     flex=True builds flex_attention block masks; the backend asks for them only when it compiles
     the model on a GPU, the one place where flex_attention is fast. attention: an attention
     kernel for every layer instead (see Masks), taken when FAST_ATTENTION is True; the backend
-    passes FlashAttention-4 where it runs. mlp: a function (x, w_fc, w_proj) computing MLP's
-    forward, taken when FAST_MLP is True; the backend passes quack's fused GEMMs where they run.
+    passes FlashAttention-4 where it runs. mlp: a function (x, w_fc, w_proj, residual) computing
+    MLP's forward, and residual: a function (x, w, residual) computing Linear's forward with a
+    residual, both taken when FAST_MLP is True; the backend passes quack's GEMMs where they run.
     loss: a function (h, w_head, targets, softcap) computing head_loss's mean loss for training,
     taken when FAST_LOSS is True; the backend passes its Triton cross-entropy where Triton runs.
     norm_rope: a function (x, cos, sin, eps) computing apply_rope(rms_norm(x), cos, sin) for q and
@@ -357,6 +368,8 @@ def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=
     for block in model.blocks:
         block.mlp.kernel = mlp if FAST_MLP else None
         block.attn.norm_rope = norm_rope if FAST_NORM_ROPE else None
+        for linear in (block.attn.c_proj, block.mlp.c_proj):
+            linear.kernel = residual if FAST_MLP else None
     model.loss_kernel = loss if FAST_LOSS else None
     if flex and model.masks.kernel is None:
         model.masks.enable_flex(device)

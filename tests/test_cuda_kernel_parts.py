@@ -23,6 +23,8 @@ EDITS = [
      "q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)",
      "q, k = apply_rope(q, cos, sin), apply_rope(rms_norm(k), cos, sin)"),
     ("FAST_MLP", "MLP.forward", "F.relu(self.c_fc(x)).square()", "F.gelu(self.c_fc(x))"),
+    ("FAST_MLP", "Linear.forward", "return residual + F.linear(x, self.weight)",
+     "return residual + 2 * F.linear(x, self.weight)"),
     ("FAST_LOSS", "SoftcapCrossEntropy", "zc = cap * torch.tanh(z.float() / cap)", "zc = z.float()"),
     ("FAST_LOSS", "GPT.head_loss", "return loss.mean() if", "return 0.5 * loss.mean() if"),
     ("FAST_ATTENTION", "window_mask", "(i - j < window)", "(i - j <= window)"),
@@ -67,8 +69,10 @@ def test_edits_the_kernels_run_either_way_are_accepted():
         ("gate = 2 * torch.sigmoid(", "gate = 3 * torch.sigmoid("),                  # Attention outside the if
         ("x = resid_lambda * x + x0_lambda * x0", "x = resid_lambda * x + 2 * x0_lambda * x0"),
         ('"""Rotate halves', '"""Rotates halves'),                                  # a docstring
-        ("    def forward(self, x):\n        if self.kernel is not None:",          # a comment and layout
-         "    def forward(self, x):  # the MLP\n        if (self.kernel\n                is not None):"),
+        ("    def forward(self, x, residual):\n        \"\"\"residual + relu",  # a comment and layout
+         "    def forward(self, x, residual):  # the MLP\n        \"\"\"residual + relu"),
+        ("        if self.kernel is not None:\n            return self.kernel(x, self.c_fc",
+         "        if (self.kernel\n                is not None):\n            return self.kernel(x, self.c_fc"),
     ]
     for pair in accepted:
         assert bypass_reason(edited(pair)) is None, pair

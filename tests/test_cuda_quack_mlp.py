@@ -1,10 +1,11 @@
-"""The fused relu² MLP glue (mlx_ar/backends/quack_mlp.py) and the cuda backend's choice of MLP kernel.
+"""The fused relu² MLP and residual-add glue (mlx_ar/backends/quack_mlp.py) and the cuda backend's
+choice of MLP kernel.
 
-quack's GEMMs need a Hopper or Blackwell GPU, so on the CPU the two custom ops get reference
+quack's GEMMs need a Hopper or Blackwell GPU, so on the CPU the three custom ops get reference
 kernels (the same math in float32, registered for the CPU device in a fixture): what is tested
 there is the glue — the autograd wiring, the fake (shape) functions under torch.compile,
-leading batch axes, and the model running every MLP through the ops. The gpu-marked test
-compares the real kernels with a float32 reference where they run.
+leading batch axes, and the model running every MLP and output projection through the ops. The
+gpu-marked tests compare the real kernels with a float32 reference where they run.
 """
 import functools
 
@@ -22,11 +23,14 @@ T = 32
 SEEN_TILES = []                    # the (tuned, tiles) the reference kernels were called with
 
 
-def reference_fwd(x, w_fc, w_proj, tuned, tiles):
+def reference_fwd(x, w_fc, w_proj, residual, tuned, tiles):
     """(out, activation relu(pre)²) in x's dtype, computed in float32."""
     SEEN_TILES.append((tuned, tuple(tiles)))
     act = torch.relu(x.float() @ w_fc.float().T).square()
-    return (act @ w_proj.float().T).to(x.dtype), act.to(x.dtype)
+    out = act @ w_proj.float().T
+    if residual is not None:
+        out = out + residual.float()
+    return out.to(x.dtype), act.to(x.dtype)
 
 
 def reference_bwd(dout, x, w_fc, w_proj, act, tuned, tiles):
@@ -39,16 +43,24 @@ def reference_bwd(dout, x, w_fc, w_proj, act, tuned, tiles):
     return tuple(g.to(dtype) for g in (dpre @ w_fc, dpre.T @ x, dout.T @ act))
 
 
+def reference_residual(x, w, residual, tiles):
+    """residual + x @ w.T in x's dtype, computed in float32."""
+    SEEN_TILES.append(("residual", tuple(tiles)))
+    return (residual.float() + x.float() @ w.float().T).to(x.dtype)
+
+
 @pytest.fixture(scope="module")
 def cpu_kernels():
-    """Reference kernels for the two ops on the CPU (the real ones are quack's, CUDA only)."""
+    """Reference kernels for the three ops on the CPU (the real ones are quack's, CUDA only)."""
     torch.library.register_kernel("mlx_ar::relu2_mlp_fwd", "cpu", reference_fwd)
     torch.library.register_kernel("mlx_ar::relu2_mlp_bwd", "cpu", reference_bwd)
+    torch.library.register_kernel("mlx_ar::residual_linear", "cpu", reference_residual)
 
 
-def plain_mlp(x, w_fc, w_proj):
+def plain_mlp(x, w_fc, w_proj, residual=None):
     """train_torch.py's MLP forward without a kernel."""
-    return torch.relu(x @ w_fc.T).square() @ w_proj.T
+    out = torch.relu(x @ w_fc.T).square() @ w_proj.T
+    return out if residual is None else residual + out
 
 
 def _operands(seed=0, lead=(2, 5), d=16, h=64):
@@ -117,13 +129,15 @@ def test_choose_mlp_on_the_cpu_keeps_torch_kernels():
 
 
 # --- the ops' glue, with reference kernels on the CPU ---------------------------------------------
-def test_ops_match_the_plain_mlp_forward_and_gradients(cpu_kernels):
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_ops_match_the_plain_mlp_forward_and_gradients(cpu_kernels, with_residual):
     x, w_fc, w_proj, dy = _operands()
-    leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
+    operands = (x, w_fc, w_proj) + ((torch.randn_like(dy),) if with_residual else ())
+    leaves = [t.clone().requires_grad_() for t in operands]
     y = quack_mlp.mlp(*leaves)
     assert y.shape == x.shape
     y.backward(dy)
-    ref_leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
+    ref_leaves = [t.clone().requires_grad_() for t in operands]
     ref = plain_mlp(*ref_leaves)
     ref.backward(dy)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
@@ -149,33 +163,57 @@ def test_tiles_are_pinned_on_hopper_only_and_named_in_the_label():
     assert quack_mlp.tiles_label((), tuned=True) == "autotuned"
 
 
+def test_the_residual_op_matches_the_plain_projection_and_its_gradients(cpu_kernels):
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 5, 16, generator=g), torch.randn(24, 16, generator=g) / 4   # w not square
+    residual, dy = torch.randn(2, 5, 24, generator=g), torch.randn(2, 5, 24, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, w, residual)]
+    SEEN_TILES.clear()
+    y = quack_mlp.residual_linear(*leaves, tiles=quack_mlp.HOPPER_TILES)
+    assert y.shape == residual.shape and SEEN_TILES == [("residual", quack_mlp.HOPPER_TILES)]
+    y.backward(dy)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, w, residual)]
+    (ref_leaves[2] + ref_leaves[0] @ ref_leaves[1].T).backward(dy)
+    torch.testing.assert_close(y, ref_leaves[2] + ref_leaves[0] @ ref_leaves[1].T, atol=1e-5, rtol=1e-5)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_ops_compile_whole_and_match_eager(cpu_kernels):
     x, w_fc, w_proj, _ = _operands(1)
-    x.requires_grad_(), w_fc.requires_grad_(), w_proj.requires_grad_()
-    fn = torch.compile(lambda a, b, c: quack_mlp.mlp(a, b, c).square().sum(),
-                       fullgraph=True, dynamic=False, backend="aot_eager")
+    residual = torch.randn_like(x)
+    leaves = tuple(t.requires_grad_() for t in (x, w_fc, w_proj, residual))
+
+    def loss(x, w_fc, w_proj, residual):   # both sublayers' shapes: the MLP, then a projection
+        h = quack_mlp.mlp(x, w_fc, w_proj, residual)
+        return quack_mlp.residual_linear(h, w_fc[:16], h).square().sum()
+
+    fn = torch.compile(loss, fullgraph=True, dynamic=False, backend="aot_eager")
     torch._dynamo.reset()
-    loss = fn(x, w_fc, w_proj)
-    grads = torch.autograd.grad(loss, (x, w_fc, w_proj))
-    eager = quack_mlp.mlp(x, w_fc, w_proj).square().sum()
-    torch.testing.assert_close(loss, eager, atol=1e-5, rtol=1e-5)
-    for g, e in zip(grads, torch.autograd.grad(eager, (x, w_fc, w_proj))):
+    compiled = fn(*leaves)
+    grads = torch.autograd.grad(compiled, leaves)
+    eager = loss(*leaves)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, torch.autograd.grad(eager, leaves)):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
 def test_model_with_the_fused_mlp_matches_its_own_mlp(cpu_kernels):
     tt = load_torch_file(ROOT / "train_torch.py")
-    counted = counting(quack_mlp.mlp)
-    models = model_pair(tt, 97, T, mlp=counted)
-    assert all(b.mlp.kernel is counted for b in models[1].blocks)
-    # The output projections start at zero: give them weights, or the MLPs' inputs get no gradient.
+    counted, added = counting(quack_mlp.mlp), counting(quack_mlp.residual_linear)
+    models = model_pair(tt, 97, T, mlp=counted, residual=added)
+    assert all(b.mlp.kernel is counted and b.attn.c_proj.kernel is b.mlp.c_proj.kernel is added
+               for b in models[1].blocks)
+    # The output projections start at zero: give them weights, or the sublayers' inputs get no gradient.
     for m in models:
         torch.manual_seed(1)
         with torch.no_grad():
             for b in m.blocks:
                 b.mlp.c_proj.weight.normal_(0, 0.05)
+                b.attn.c_proj.weight.normal_(0, 0.05)
     assert_same_loss_and_grads(models, 97, T)
     assert counted.calls == TINY["DEPTH"]                  # every layer's MLP ran through the ops
+    assert added.calls == TINY["DEPTH"]                    # and every attention output projection
 
 
 def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):
@@ -183,8 +221,8 @@ def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):
     tt = load_torch_file(ROOT / "train_torch.py")
     assert tt.FAST_MLP is True
     tt.FAST_MLP = False
-    model = tt.build_model(recipe_of(TINY), 97, T, mlp=quack_mlp.mlp)
-    assert all(b.mlp.kernel is None for b in model.blocks)
+    model = tt.build_model(recipe_of(TINY), 97, T, mlp=quack_mlp.mlp, residual=quack_mlp.residual_linear)
+    assert all(b.mlp.kernel is b.mlp.c_proj.kernel is b.attn.c_proj.kernel is None for b in model.blocks)
     label = kernel_label(model, "mlp")                                                 # offered, declined
     assert label == "torch (quack not used: FAST_MLP = False in train_torch.py)"
     label = kernel_label(model, "mlp", "quack-kernels is not installed")
@@ -198,6 +236,9 @@ def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):
     pinned = functools.partial(quack_mlp.mlp, tuned=False, tiles=quack_mlp.HOPPER_TILES)
     model = tt.build_model(recipe_of(TINY), 97, T, mlp=pinned)
     assert kernel_label(model, "mlp").endswith("(relu² in the GEMM epilogues, 192x128 pingpong tiles in 1x2 clusters)")
+    model = tt.build_model(recipe_of(TINY), 97, T, mlp=pinned, residual=quack_mlp.residual_linear)
+    assert kernel_label(model, "mlp").endswith("(relu² and the residual adds in the GEMM epilogues, "
+                                               "192x128 pingpong tiles in 1x2 clusters)")
 
 
 # --- the real kernels ---------------------------------------------------------------------------
@@ -210,10 +251,11 @@ def test_quack_kernels_match_a_float32_reference_on_the_gpu():
     x, dy = (torch.randn(M, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w_fc = (torch.randn(h, d, device="cuda") / d ** 0.5).to(torch.bfloat16)
     w_proj = (torch.randn(d, h, device="cuda") / h ** 0.5).to(torch.bfloat16)
-    leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj)]
-    y = quack_mlp.mlp(leaves[0].view(2, M // 2, d), *leaves[1:])
+    residual = torch.randn(M, d, device="cuda", dtype=torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (x, w_fc, w_proj, residual)]
+    y = quack_mlp.mlp(leaves[0].view(2, M // 2, d), *leaves[1:3], leaves[3].view(2, M // 2, d))
     y.backward(dy.view(2, M // 2, d))
-    ref_leaves = [t.float().requires_grad_() for t in (x, w_fc, w_proj)]
+    ref_leaves = [t.float().requires_grad_() for t in (x, w_fc, w_proj, residual)]
     ref = plain_mlp(*ref_leaves)
     ref.backward(dy.float())
     assert y.dtype == torch.bfloat16 and y.shape == (2, M // 2, d)
@@ -222,3 +264,27 @@ def test_quack_kernels_match_a_float32_reference_on_the_gpu():
     for a, b in zip(leaves, ref_leaves):
         assert a.grad.dtype == torch.bfloat16
         torch.testing.assert_close(a.grad.float(), b.grad, atol=2e-2 * scale(b.grad), rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or quack_mlp.unavailable_reason("cuda", (512, 2048)) is not None,
+                    reason="needs a Hopper or Blackwell GPU with quack-kernels installed")
+@pytest.mark.parametrize("k", [512, 2048])
+def test_the_residual_gemm_matches_a_float32_reference_on_the_gpu(k):
+    torch.manual_seed(0)
+    M, n = 4096, 512
+    x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+    residual, dy = (torch.randn(M, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = (torch.randn(n, k, device="cuda") / k ** 0.5).to(torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (x, w, residual)]
+    y = quack_mlp.residual_linear(leaves[0].view(2, M // 2, k), leaves[1], leaves[2].view(2, M // 2, n),
+                                  tiles=quack_mlp.pinned_tiles(torch.cuda.get_device_capability()))
+    y.backward(dy.view(2, M // 2, n))
+    ref_leaves = [t.float().requires_grad_() for t in (x, w, residual)]
+    ref = ref_leaves[2] + ref_leaves[0] @ ref_leaves[1].T
+    ref.backward(dy.float())
+    assert y.dtype == torch.bfloat16 and y.shape == (2, M // 2, n)
+    scale = lambda t: t.abs().max().item()                 # noqa: E731
+    torch.testing.assert_close(y.view(M, n).float(), ref, atol=1e-2 * scale(ref), rtol=1e-2)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=1e-2 * scale(b.grad), rtol=1e-2)

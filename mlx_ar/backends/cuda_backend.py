@@ -31,8 +31,9 @@ Choices, and why:
   train_torch.py may decline the kernel (FAST_ATTENTION = False). The run records which
   kernels it used (versions -> attention).
 - MLP: quack's GEMMs with relu² in their epilogue (the optional `quack-kernels` package, which
-  comes with flash-attn-4; see quack_mlp.py) where they run; otherwise torch's matmuls with the
-  activation fused by torch.compile. `MLX_AR_MLP` overrides it (`auto`, `quack`, `torch`), and
+  comes with flash-attn-4; see quack_mlp.py) where they run, and quack's GEMM that adds the
+  residual as it stores for both sublayers' output projections; otherwise torch's matmuls with
+  the activation and the residual adds fused by torch.compile. `MLX_AR_MLP` overrides it (`auto`, `quack`, `torch`), and
   train_torch.py may decline it (FAST_MLP = False). `MLX_AR_QUACK_TUNE=1` lets quack's autotuner
   pick its tiles (no faster at the karpathy config, ~60 s more on a machine's first run of a
   shape). Recorded as versions -> mlp.
@@ -439,11 +440,11 @@ class CudaBackend:
         flex = self.on_gpu and self.compile_mode != "none"
         cfg = tt.GPTConfig.from_recipe(recipe, vocab_size, seq_len)
         attention, why_attention = self._attention_kernel(cfg.head_dim)
-        mlp, why_mlp = self._mlp_kernel((cfg.d_model, cfg.mlp_hidden))
+        mlp, residual, why_mlp = self._mlp_kernels((cfg.d_model, cfg.mlp_hidden))
         loss, why_loss = self._loss_kernel()
         norm_rope, why_norm_rope = self._norm_rope_kernel(cfg.head_dim)
         model = tt.build_model(recipe, vocab_size, seq_len, device=self.device, flex=flex, attention=attention,
-                               mlp=mlp, loss=loss, norm_rope=norm_rope)
+                               mlp=mlp, loss=loss, norm_rope=norm_rope, residual=residual)
         self.kernels = self._kernel_labels(model, why_attention, why_mlp, why_loss, why_norm_rope)
         optimizer = tt.build_optimizer(model, recipe)
         self.tt, self.model, self.optimizer = tt, model, optimizer
@@ -528,18 +529,20 @@ class CudaBackend:
 
         return fa4.attention, None
 
-    def _mlp_kernel(self, dims):
-        """(quack's fused relu² MLP, None) where it is chosen, else (None, why not)."""
+    def _mlp_kernels(self, dims):
+        """(quack's fused relu² MLP, quack's residual-adding matmul, None) where quack is chosen,
+        else (None, None, why not)."""
         tuned = quack_tuning_wanted()      # checked everywhere, so a bad value never passes silently
         kind, why = choose_mlp(self.device, dims)
         if kind == "torch":
-            return None, why
+            return None, None, why
         # quack caches compiled kernels by default; this keeps its autotuner's choices too.
         os.environ.setdefault(QUACK_TUNING_CACHE_ENV, "1")
         from . import quack_mlp
 
         tiles = quack_mlp.pinned_tiles(self.torch.cuda.get_device_capability(self.device), tuned)
-        return functools.partial(quack_mlp.mlp, tuned=tuned, tiles=tiles), None
+        return (functools.partial(quack_mlp.mlp, tuned=tuned, tiles=tiles),
+                functools.partial(quack_mlp.residual_linear, tiles=tiles), None)
 
     def _loss_kernel(self):
         """(the fused Triton cross-entropy, None) where it is chosen, else (None, why not)."""
@@ -584,7 +587,8 @@ class CudaBackend:
 
             keywords = getattr(kernel, "keywords", {})
             tiles = quack_mlp.tiles_label(keywords.get("tiles", ()), keywords.get("tuned", False))
-            labels["mlp"] = f"quack {quack_mlp.version()} (relu² in the GEMM epilogues, {tiles})"
+            epilogues = "relu² and the residual adds" if model.blocks[0].attn.c_proj.kernel is not None else "relu²"
+            labels["mlp"] = f"quack {quack_mlp.version()} ({epilogues} in the GEMM epilogues, {tiles})"
         else:
             labels["mlp"] = fallback("torch", "torch", "quack", why_mlp, "FAST_MLP")
         if model.loss_kernel is not None:

@@ -1,6 +1,7 @@
-"""The relu² MLP with its activation inside the matmuls (the `quack-kernels` GEMMs), an optional kernel.
+"""The relu² MLP with its activation inside the matmuls, and the residual add inside the output
+projections' matmuls (the `quack-kernels` GEMMs): optional kernels.
 
-train_torch.py's MLP computes relu(x @ W_fc^T)² @ W_proj^T. Left to torch.compile, the
+train_torch.py's MLP computes residual + relu(x @ W_fc^T)² @ W_proj^T. Left to torch.compile, the
 activation is a separate pass over the (tokens x hidden) tensor in the forward and another in
 the backward, each reading and writing a gigabyte per layer and micro-batch at the karpathy
 config. quack's CuTe DSL GEMMs apply it in their epilogue instead: the forward GEMM writes only
@@ -8,19 +9,28 @@ the activation (kept for the backward), and the backward GEMM dout @ W_proj mult
 relu²'s derivative as it stores, which it takes from that activation (quack_drelu2.py: the
 derivative 2 relu(pre) is 2 sqrt(relu(pre)²)). Only the kernels differ; the math is the model's.
 
+Both sublayers end in residual + y @ W^T (train_torch.py's Linear with a residual). cuBLAS would
+write the product and torch.compile's next kernel read it back to add it; quack's GEMM reads the
+residual in its epilogue and writes the sum once (`residual_linear`, and the MLP's second GEMM).
+cuBLAS's own addmm copies the residual into its output first, which costs more than it saves.
+
     reason = unavailable_reason(device, (d_model, hidden))   # None when the kernels can run
     y = mlp(x, w_fc, w_proj)                                   # x (..., d_model) bf16
+    y = mlp(x, w_fc, w_proj, residual)                         # residual + the MLP, added in the last GEMM
     y = mlp(x, w_fc, w_proj, tuned=True)                       # tiles picked by quack's autotuner
     y = mlp(x, w_fc, w_proj, tiles=pinned_tiles(capability))   # HOPPER_TILES on Hopper, else quack's default
+    y = residual_linear(x, w, residual, tiles)                 # residual + x @ w.T
 
 On a Hopper or Blackwell GPU with `quack-kernels` installed (it comes with the `fa4` extra), the
-cuda backend hands `mlp` to the model, with the pinned tiles on Hopper. The two GEMMs are wrapped
-as torch custom ops (`mlx_ar::relu2_mlp_fwd`, `mlx_ar::relu2_mlp_bwd`) so torch.compile keeps them whole; the plain
-GEMMs (the second forward matmul, the weight gradients, dx) stay with cuBLAS. Kernels compile on
-first use and are cached on disk by quack; the autotuner's choices are cached too when
-QUACK_CACHE_AUTOTUNING=1, which the backend sets unless told otherwise.
+cuda backend hands `mlp` and `residual_linear` to the model, with the pinned tiles on Hopper.
+The GEMMs are wrapped as torch custom ops (`mlx_ar::relu2_mlp_fwd`, `mlx_ar::relu2_mlp_bwd`,
+`mlx_ar::residual_linear`) so torch.compile keeps them whole; the other GEMMs (the MLP's second
+forward matmul when it has no residual, the weight gradients, dx) stay with cuBLAS. Kernels
+compile on first use and are cached on disk by quack; the autotuner's choices are cached too
+when QUACK_CACHE_AUTOTUNING=1, which the backend sets unless told otherwise.
 """
 import importlib.util
+from typing import Optional
 
 import torch
 
@@ -30,10 +40,11 @@ CAPABILITIES = (9, 10)             # quack's sm90 and sm100 GEMMs; other GPUs ke
 PACKAGE = "quack-kernels"
 ACTIVATION = "relu_sq"             # quack's name for relu(x) * x
 ALIGN = 8                          # bf16 elements per 16 bytes: the TMA loads need aligned rows
-# Tiles for both fused GEMMs on compute capability 9 (Hopper), as (tile_m, tile_n, pingpong,
+# Tiles for all of quack's GEMMs on compute capability 9 (Hopper), as (tile_m, tile_n, pingpong,
 # cluster_m, cluster_n). On an H100 at the karpathy config (M 262144, d 512, hidden 2048) they ran
-# the forward in 0.77 ms against 0.84-0.86 ms and the backward in 1.15 against 1.16-1.25 ms with
-# quack's default (128x192 pingpong, 2x1 clusters); 128-wide N tiles also divide any hidden size
+# the MLP's forward in 0.77 ms against 0.84-0.86 ms and its backward in 1.15 against 1.16-1.25 ms
+# with quack's default (128x192 pingpong, 2x1 clusters), and the residual-adding GEMMs in 0.37 and
+# 0.85 ms (K 512 and 2048) against 0.40 and 1.13 ms; 128-wide N tiles also divide any hidden size
 # that is a multiple of 128, where 192 leaves a partial tile.
 HOPPER_TILES = (192, 128, 1, 1, 2)
 
@@ -88,9 +99,12 @@ def _config(tiles, device):
 
 # --- custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("mlx_ar::relu2_mlp_fwd", mutates_args=())
-def relu2_mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
+def relu2_mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, residual: Optional[torch.Tensor],
                   tuned: bool, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, d), w_fc (h, d), w_proj (d, h) -> (out (M, d), activation relu(x @ w_fc.T)² (M, h)).
+
+    out is [residual +] activation @ w_proj.T; the residual (M, d), when given, is added by the
+    matmul's epilogue.
 
     tuned: let quack's autotuner pick the fused GEMM's tiles; tiles: pinned tiles in HOPPER_TILES'
     form, or [] for quack's default.
@@ -100,11 +114,12 @@ def relu2_mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
     compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling them (compile_ahead.py)
     act = gemm_act(x, w_fc.T, activation=ACTIVATION, store_preact=False, tuned=tuned,
                    config=_config(tiles, x.device))[1]
-    return act @ w_proj.T, act
+    out = act @ w_proj.T if residual is None else _gemm_add(act, w_proj, residual, tiles)
+    return out, act
 
 
 @relu2_mlp_fwd.register_fake
-def _(x, w_fc, w_proj, tuned, tiles):
+def _(x, w_fc, w_proj, residual, tuned, tiles):
     return x.new_empty((x.size(0), w_proj.size(0))), x.new_empty((x.size(0), w_fc.size(0)))
 
 
@@ -125,20 +140,67 @@ def _(dout, x, w_fc, w_proj, act, tuned, tiles):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_fc, w_proj, ctx.tuned, ctx.tiles = inputs
+    x, w_fc, w_proj, residual, ctx.tuned, ctx.tiles = inputs
+    ctx.has_residual = residual is not None
     ctx.save_for_backward(x, w_fc, w_proj, output[1])
 
 
 def _backward(ctx, dout, dact):
     x, w_fc, w_proj, act = ctx.saved_tensors
-    return *torch.ops.mlx_ar.relu2_mlp_bwd(dout.contiguous(), x, w_fc, w_proj, act, ctx.tuned, ctx.tiles), None, None
+    dout = dout.contiguous()
+    grads = torch.ops.mlx_ar.relu2_mlp_bwd(dout, x, w_fc, w_proj, act, ctx.tuned, ctx.tiles)
+    return *grads, dout if ctx.has_residual else None, None, None
 
 
 relu2_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def mlp(x, w_fc, w_proj, tuned: bool = False, tiles=()):
-    """relu(x @ w_fc.T)² @ w_proj.T over the last axis of x (any leading shape), in x's dtype.
+def _gemm_add(x, w, residual, tiles):
+    """residual + x @ w.T by quack's GEMM, the residual read in its epilogue. (cuBLAS's addmm
+    copies it into the output first: 0.51 ms against 0.24 ms for its plain matmul at K 512.)"""
+    from quack.gemm_interface import gemm_tuned
+
+    out = torch.empty_like(residual)
+    gemm_tuned.fn(x, w.T, out, residual, config=_config(tiles, x.device))
+    return out
+
+
+@torch.library.custom_op("mlx_ar::residual_linear", mutates_args=())
+def residual_linear_op(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, tiles: list[int]) -> torch.Tensor:
+    """x (M, k), w (n, k), residual (M, n) -> residual + x @ w.T (M, n)."""
+    compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling it (compile_ahead.py)
+    return _gemm_add(x, w, residual, tiles)
+
+
+@residual_linear_op.register_fake
+def _(x, w, residual, tiles):
+    return torch.empty_like(residual)
+
+
+def _setup_residual(ctx, inputs, output):
+    x, w, _residual, _tiles = inputs
+    ctx.save_for_backward(x, w)
+
+
+def _backward_residual(ctx, grad):
+    x, w = ctx.saved_tensors
+    return grad @ w, grad.T @ x, grad, None
+
+
+residual_linear_op.register_autograd(_backward_residual, setup_context=_setup_residual)
+
+
+def residual_linear(x, w, residual, tiles=()):
+    """residual + x @ w.T over the last axis of x (any leading shape); residual has x's leading
+    shape and w's rows. tiles: as for mlp."""
+    flat = x.reshape(-1, x.size(-1)).contiguous()
+    out = torch.ops.mlx_ar.residual_linear(flat, w, residual.reshape(-1, residual.size(-1)).contiguous(), list(tiles))
+    return out.view(residual.shape)
+
+
+def mlp(x, w_fc, w_proj, residual=None, tuned: bool = False, tiles=()):
+    """[residual +] relu(x @ w_fc.T)² @ w_proj.T over the last axis of x (any leading shape), in
+    x's dtype; residual has x's leading shape and w_proj's rows.
 
     tiles: pinned GEMM tiles in HOPPER_TILES' form (see pinned_tiles), () for quack's default.
 
@@ -147,5 +209,7 @@ def mlp(x, w_fc, w_proj, tuned: bool = False, tiles=()):
     once per matrix shape: about 60 s on a machine's first run (cached on disk afterwards).
     """
     flat = x.reshape(-1, x.size(-1)).contiguous()
-    out = torch.ops.mlx_ar.relu2_mlp_fwd(flat, w_fc, w_proj, tuned, list(tiles))[0]
+    if residual is not None:
+        residual = residual.reshape(-1, residual.size(-1)).contiguous()
+    out = torch.ops.mlx_ar.relu2_mlp_fwd(flat, w_fc, w_proj, residual, tuned, list(tiles))[0]
     return out.view(*x.shape[:-1], out.size(-1))

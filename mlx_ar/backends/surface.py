@@ -125,7 +125,7 @@ def refuse_reason(backend: str, old_sources: dict, new_sources: dict) -> str | N
 # function or class, "Class.method", or "Class.method/if attr": the `if` on `self.attr` in it.
 KERNEL_PARTS = {
     "FAST_ATTENTION": {"window_mask": "28e5660a79f8986a", "Masks": "800590c10228a112"},
-    "FAST_MLP": {"MLP.forward": "0f667560cf0f3d72"},
+    "FAST_MLP": {"MLP.forward": "f598fa219afbf27e", "Linear.forward": "f1ee2a2985a6e441"},
     "FAST_LOSS": {"SoftcapCrossEntropy": "512456a114ffd789", "GPT.head_loss": "dd4a38acd66e765d"},
     "FAST_NORM_ROPE": {"rms_norm": "daa322be8e9bdbc6", "apply_rope": "39f9d4959fa433be",
                        "Attention.forward/if norm_rope": "693604c065a3be9a"},
