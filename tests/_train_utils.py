@@ -40,7 +40,7 @@ def kernel_label(model, family: str, why: str | None = None) -> str:
 
 def model_pair(tt, vocab_size: int, seq_len: int, **kernel):
     """Two tiny torch GPTs (train_torch module `tt`) from the same seed: the plain one, and one
-    built with `kernel` (attention=, mlp= or loss=)."""
+    built with `kernel` (attention=, mlp=, residual=, loss= or norm_rope=)."""
     import torch
 
     models = []

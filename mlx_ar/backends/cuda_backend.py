@@ -35,8 +35,9 @@ Choices, and why:
   residual as it stores for both sublayers' output projections; otherwise torch's matmuls with
   the activation and the residual adds fused by torch.compile. `MLX_AR_MLP` overrides it
   (`auto`, `quack`, `torch`), and train_torch.py may decline it (FAST_MLP = False).
-  `MLX_AR_QUACK_TUNE=1` lets quack's autotuner pick its tiles (no faster at the karpathy config,
-  ~60 s more on a machine's first run of a shape). Recorded as versions -> mlp.
+  `MLX_AR_QUACK_TUNE=1` lets quack's autotuner pick the MLP's tiles (no faster at the karpathy
+  config, ~60 s more on a machine's first run of a shape; the residual-adding GEMM then keeps
+  quack's default tiles). Recorded as versions -> mlp.
 - Loss: the soft-capped cross-entropy and its logit gradient in one Triton pass over the logits
   (softcap_ce.py) where Triton runs (Ampere or newer; Triton comes with torch's CUDA wheels);
   otherwise two compiled passes. `MLX_AR_LOSS` overrides it (`auto`, `triton`, `torch`), and

@@ -112,9 +112,9 @@ def relu2_mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, res
     from quack.gemm_interface import gemm_act
 
     compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling them (compile_ahead.py)
-    act = gemm_act(x, w_fc.T, activation=ACTIVATION, store_preact=False, tuned=tuned,
-                   config=_config(tiles, x.device))[1]
-    out = act @ w_proj.T if residual is None else _gemm_add(act, w_proj, residual, tiles)
+    config = _config(tiles, x.device)
+    act = gemm_act(x, w_fc.T, activation=ACTIVATION, store_preact=False, tuned=tuned, config=config)[1]
+    out = act @ w_proj.T if residual is None else _gemm_add(act, w_proj, residual, config)
     return out, act
 
 
@@ -155,13 +155,13 @@ def _backward(ctx, dout, dact):
 relu2_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _gemm_add(x, w, residual, tiles):
-    """residual + x @ w.T by quack's GEMM, the residual read in its epilogue (cuBLAS's addmm took
-    0.51 ms against 0.24 ms for its plain matmul at K 512 on an H100)."""
+def _gemm_add(x, w, residual, config):
+    """residual + x @ w.T by quack's GEMM on `config` (_config), the residual read in its epilogue
+    (cuBLAS's addmm took 0.51 ms against 0.24 ms for its plain matmul at K 512 on an H100)."""
     from quack.gemm_interface import gemm_tuned
 
     out = torch.empty_like(residual)
-    gemm_tuned.fn(x, w.T, out, residual, config=_config(tiles, x.device))
+    gemm_tuned.fn(x, w.T, out, residual, config=config)
     return out
 
 
@@ -169,7 +169,7 @@ def _gemm_add(x, w, residual, tiles):
 def residual_linear_op(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, tiles: list[int]) -> torch.Tensor:
     """x (M, k), w (n, k), residual (M, n) -> residual + x @ w.T (M, n)."""
     compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling it (compile_ahead.py)
-    return _gemm_add(x, w, residual, tiles)
+    return _gemm_add(x, w, residual, _config(tiles, x.device))
 
 
 @residual_linear_op.register_fake
@@ -190,12 +190,15 @@ def _backward_residual(ctx, grad):
 residual_linear_op.register_autograd(_backward_residual, setup_context=_setup_residual)
 
 
+def _rows(t):
+    """t (..., n) as a contiguous (rows, n) matrix, the layout the ops take."""
+    return t.reshape(-1, t.size(-1)).contiguous()
+
+
 def residual_linear(x, w, residual, tiles=()):
     """residual + x @ w.T over the last axis of x (any leading shape); residual has x's leading
     shape and w's rows. tiles: as for mlp."""
-    flat = x.reshape(-1, x.size(-1)).contiguous()
-    out = torch.ops.mlx_ar.residual_linear(flat, w, residual.reshape(-1, residual.size(-1)).contiguous(), list(tiles))
-    return out.view(residual.shape)
+    return torch.ops.mlx_ar.residual_linear(_rows(x), w, _rows(residual), list(tiles)).view(residual.shape)
 
 
 def mlp(x, w_fc, w_proj, residual=None, tuned: bool = False, tiles=()):
@@ -204,12 +207,11 @@ def mlp(x, w_fc, w_proj, residual=None, tuned: bool = False, tiles=()):
 
     tiles: pinned GEMM tiles in HOPPER_TILES' form (see pinned_tiles), () for quack's default.
 
-    tuned: quack's autotuner picks the fused GEMMs' tiles. On an H100 at the karpathy config that
-    gained nothing (278.5 against 276.8 ms a step), and tuning compiles every candidate kernel
-    once per matrix shape: about 60 s on a machine's first run (cached on disk afterwards).
+    tuned: quack's autotuner picks the fused GEMMs' tiles (the GEMM adding the residual keeps
+    quack's default tiles). On an H100 at the karpathy config that gained nothing (278.5 against
+    276.8 ms a step, measured before the residual GEMMs), and tuning compiles every candidate
+    kernel once per matrix shape: about 60 s on a machine's first run (cached on disk afterwards).
     """
-    flat = x.reshape(-1, x.size(-1)).contiguous()
-    if residual is not None:
-        residual = residual.reshape(-1, residual.size(-1)).contiguous()
-    out = torch.ops.mlx_ar.relu2_mlp_fwd(flat, w_fc, w_proj, residual, tuned, list(tiles))[0]
+    residual = None if residual is None else _rows(residual)
+    out = torch.ops.mlx_ar.relu2_mlp_fwd(_rows(x), w_fc, w_proj, residual, tuned, list(tiles))[0]
     return out.view(*x.shape[:-1], out.size(-1))
