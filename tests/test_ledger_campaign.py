@@ -11,12 +11,25 @@ from mlx_ar.ledger.campaign import Campaign, CampaignError, load_campaign
 def test_defaults_without_a_file(tmp_path):
     c = load_campaign(tmp_path)
     assert c == Campaign() and c.source is None
-    assert (c.objective, c.direction, c.gate, c.tier, c.mutable) == ("val_bpb", "min", "single", "code", ("train.py",))
-    assert c.timeout_s == 2 * TIME_BUDGET + c.eval_allowance
+    assert (c.objective, c.direction, c.gate, c.tier, c.mutable) == ("val_bpb", "min", "auto", "code", ("train.py",))
+    assert c.timeout_s == 2 * TIME_BUDGET + 300
     assert c.command("runs/1/run.json", 43) == [sys.executable, "train.py", "--record", "runs/1/run.json",
                                                 "--seed", "43", "--backend", "mlx"]
     json.dumps(c.to_dict())  # recorded in receipts
     assert Campaign(backend="cuda").mutable == ("train.py", "train_torch.py")
+
+
+def test_timeout_follows_the_data_profile_budget():
+    from mlx_ar.constants import DEMO, REAL
+
+    # The demo profile's 60 s budget: 2 x 60 + an allowance of 2 x 60, not the real contract's 900 s.
+    assert Campaign().for_profile(DEMO).timeout_s == 240
+    assert Campaign().for_profile(REAL).timeout_s == 900
+    # An explicit time_budget wins over the profile's; a smoke budget sets the run's length.
+    assert Campaign(time_budget=30).for_profile(DEMO).timeout_s == 2 * 30 + 60
+    assert Campaign(smoke=5).for_profile(DEMO).timeout_s == 2 * 5 + 120
+    assert Campaign(train_args=("--data", "mine")).dataset_arg() == "mine"
+    assert Campaign(train_args=("--data=x",)).dataset_arg() == "x" and Campaign().dataset_arg() is None
 
 
 def test_campaign_file_and_overrides(tmp_path):
@@ -34,7 +47,7 @@ def test_campaign_file_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ('gate = "maybe"', "gate must be one of single, significance"),
+    ('gate = "maybe"', "gate must be one of auto, single, significance"),
     ("confidence = 1.5", "confidence must be between 0.5 and 1"),
     ('max_memory_gb = "lots"', "max_memory_gb must be a number"),
     ("seed = 1.5", "seed must be an integer"),

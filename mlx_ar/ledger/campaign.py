@@ -4,15 +4,15 @@ Every default lives in the `Campaign` dataclass below. A campaign file (TOML, re
 standard library's tomllib) overrides any of them with top-level keys of the same names:
 
     # campaign.toml, at the repository root (committed on the experiment branch)
-    gate = "significance"        # or "single": upstream's rule, one run, keep if lower
+    gate = "significance"        # "auto" (default), "single" (upstream's rule) or "significance"
     confidence = 0.95
     max_memory_gb = 14           # veto: a 16 GB Mac swaps above this
     tier = "config"              # only the recipe constants of train.py may change
-    train_args = ["--data", "demo"]
-    time_budget = 60             # the demo profile's budget, so the timeout fits it
+    train_args = ["--data", "demo"]  # the dataset, and with it the profile (budget, overrides)
 
     campaign = load_campaign(root)                 # root/campaign.toml if present, else defaults
     campaign = load_campaign(root, "other.toml")   # an explicit file must exist
+    campaign = campaign.for_profile(profile)       # the data profile's budget, unless set
     campaign.timeout_s                             # hard limit for one child run
 """
 import dataclasses
@@ -22,16 +22,16 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backends.surface import MUTABLE_FILES
 from ..constants import TIME_BUDGET
+from .policy import MUTABLE_FILES
 
 CAMPAIGN_FILE = "campaign.toml"
-GATES = ("single", "significance")
+GATES = ("auto", "single", "significance")
 TIERS = ("config", "code")
 DIRECTIONS = ("min", "max")
 BACKENDS = ("mlx", "cuda")
 # What the agent may edit on each backend, unless campaign.toml says otherwise; the rule itself
-# (and which parts each backend executes) lives in mlx_ar.backends.surface.
+# (and which parts each backend executes) lives in mlx_ar.ledger.policy.
 DEFAULT_MUTABLE = {backend: tuple(files) for backend, files in MUTABLE_FILES.items()}
 
 
@@ -55,7 +55,8 @@ class Campaign:
     mutable: tuple[str, ...] = ()       # the mutable surface; empty: DEFAULT_MUTABLE[backend]
 
     # --- the keep gate ----------------------------------------------------------------------
-    gate: str = "single"                # "single" (upstream's rule) or "significance"
+    # "auto": "single" until a noise floor exists, then "significance" (A/A false keeps <= 1 - confidence)
+    gate: str = "auto"                  # or "single" (upstream's rule) or "significance"
     confidence: float = 0.95            # significance: one-sided confidence of a keep
     min_keep_runs: int = 2              # significance: seed runs before a keep may be declared
     max_runs: int = 5                   # significance: seed runs after which an undecided candidate fails
@@ -73,8 +74,8 @@ class Campaign:
     train_command: tuple[str, ...] = ()  # empty: [python, "train.py"]; tests point it at fakes
     train_args: tuple[str, ...] = ()    # extra arguments, e.g. ["--data", "demo"]
     seed: int = 42                      # first seed; re-runs use seed + 1, seed + 2, ...
-    time_budget: float = TIME_BUDGET    # the profile's training budget, for the timeout
-    eval_allowance: float = 300.0       # start-up + evaluation seconds allowed beyond 2x the budget
+    time_budget: float | None = None    # the training budget, for the timeout; None: the data profile's
+    eval_allowance: float | None = None  # start-up + evaluation seconds beyond 2x the budget; None: 2x budget, <= 300
     smoke: float | None = None          # pass --smoke SECONDS (loop tests only; never comparable)
     allow_smoke: bool = False           # let smoke runs be kept (tests of the loop itself)
     runs_dir: str = "runs"              # per-run logs and records (gitignored)
@@ -88,12 +89,32 @@ class Campaign:
     # --- derived -------------------------------------------------------------------------------
     @property
     def budget_s(self) -> float:
-        return float(self.smoke) if self.smoke is not None else float(self.time_budget)
+        if self.smoke is not None:
+            return float(self.smoke)
+        return float(TIME_BUDGET if self.time_budget is None else self.time_budget)
 
     @property
     def timeout_s(self) -> float:
         """Hard limit for one child run: twice the budget plus the evaluation allowance."""
-        return 2.0 * self.budget_s + float(self.eval_allowance)
+        budget = float(TIME_BUDGET if self.time_budget is None else self.time_budget)
+        allowance = min(300.0, 2.0 * budget) if self.eval_allowance is None else float(self.eval_allowance)
+        return 2.0 * self.budget_s + allowance
+
+    def for_profile(self, profile) -> "Campaign":
+        """These settings with the data profile's budget, unless time_budget was set."""
+        if profile is None or self.time_budget is not None:
+            return self
+        return dataclasses.replace(self, time_budget=float(profile.time_budget))
+
+    def dataset_arg(self) -> str | None:
+        """The dataset named by `--data` in train_args, if any."""
+        args = list(self.train_args)
+        for i, a in enumerate(args):
+            if a == "--data" and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith("--data="):
+                return a.split("=", 1)[1]
+        return None
 
     @property
     def sign(self) -> float:
@@ -177,7 +198,7 @@ def validate(c: Campaign, where: str = "campaign") -> Campaign:
         bad("throttle_window and throttle_min_history must be at least 1")
     if c.suspect_retries < 0 or c.suspect_cooldown < 0:
         bad("suspect_retries and suspect_cooldown must be >= 0")
-    if c.time_budget <= 0 or c.eval_allowance < 0:
+    if (c.time_budget is not None and c.time_budget <= 0) or (c.eval_allowance is not None and c.eval_allowance < 0):
         bad(f"time_budget must be > 0 and eval_allowance >= 0, got {c.time_budget} and {c.eval_allowance}")
     if c.smoke is not None and c.smoke <= 0:
         bad(f"smoke must be a positive number of seconds, got {c.smoke}")
@@ -240,3 +261,27 @@ def load_campaign(root, path=None, overrides: dict | None = None) -> Campaign:
     if overrides:
         campaign = validate(dataclasses.replace(campaign, **overrides), f"{where} + command-line options")
     return campaign
+
+
+def data_profile(campaign) -> tuple[str | None, object, str | None]:
+    """(dataset name, its Profile, problem) for the runs of `campaign`: `--data` or the cache's current.
+
+    The profile is read from the dataset's manifest without opening the data; when it cannot
+    be read, Profile is None and `problem` says why (the run itself then fails with details).
+    """
+    from .. import paths
+
+    name = campaign.dataset_arg() or paths.current_dataset()
+    if name is None:
+        return None, None, f"no dataset prepared under {paths.cache_root()}"
+    try:
+        from ..data import DataError
+        from ..data.dataset import MANIFEST, profile_from_manifest, read_manifest
+
+        where = paths.dataset_dir(name)
+        m = read_manifest(where)
+        if m is None:
+            return name, None, f"dataset {name!r} is not prepared ({where / MANIFEST} missing)"
+        return name, profile_from_manifest(m, where / MANIFEST), None
+    except (DataError, OSError, ValueError) as e:
+        return name, None, str(e)

@@ -7,7 +7,6 @@ here default to None and only override the file when given.
 Exit codes of `mlx-ar run`: 0 keep or discard, 1 crash, 2 refused, 130 interrupted.
 """
 import json
-import signal
 import sys
 
 import click
@@ -23,22 +22,31 @@ def _campaign(root, path, **overrides):
 
 
 def _echo_err(text):
-    click.echo(text, err=True)
+    try:
+        click.echo(text, err=True)
+    except OSError:  # the terminal is gone (SIGHUP): the ledger still records everything
+        pass
 
 
-def _sigterm_as_interrupt():
-    """A supervisor's SIGTERM is handled like Ctrl-C: record the attempt, then stop."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
+def _echo_out(text):
+    try:
+        click.echo(text)
+    except OSError:
+        pass
+
+
+def _stop_signals_interrupt():
+    """SIGTERM (a supervisor) and SIGHUP (a closed terminal) are handled like Ctrl-C."""
+    from .context import stop_signals_interrupt
+
+    stop_signals_interrupt()
 
 
 def _fail_on_setup_errors(fn):
     """Turn the loop's precondition errors into one-line messages instead of tracebacks."""
+    from .context import LoopError, WorkerError
     from .git_ops import GitError
     from .ledger import LedgerError
-    from .loop import LoopError
-    from .workers import WorkerError
 
     try:
         return fn()
@@ -54,7 +62,8 @@ campaign_option = click.option("--campaign", "campaign_path", type=click.Path(di
 @click.option("-m", "--message", "message", required=True, help="what changed (one line; the commit message)")
 @campaign_option
 @click.option("--seed", type=int, default=None, help="first seed (default: the campaign's)")
-@click.option("--gate", type=click.Choice(["single", "significance"]), default=None, help="override the keep gate")
+@click.option("--gate", type=click.Choice(["auto", "single", "significance"]), default=None,
+              help="override the keep gate")
 @click.option("-v", "--verbose", is_flag=True, help="also stream train.py's output")
 def run_command(message, campaign_path, seed, gate, verbose):
     """Commit train.py, train once (or until the gate decides), keep it or revert it, log it.
@@ -64,12 +73,13 @@ def run_command(message, campaign_path, seed, gate, verbose):
     """
     from pathlib import Path
 
-    from .loop import Interrupted, run_experiment
+    from .attempt import run_experiment
+    from .context import Interrupted
     from .runner import run_child
 
     root = Path.cwd()
     campaign = _campaign(root, campaign_path, gate=gate)
-    _sigterm_as_interrupt()
+    _stop_signals_interrupt()
 
     def runner(*args, **kw):
         if verbose:
@@ -114,11 +124,16 @@ def _print_result(r, campaign):
         lines.append(f"{'receipt:':<14}{r.receipt}")
     if r.log:
         lines.append(f"{'log:':<14}{r.log}")
+    overrides = (r.profile or {}).get("overrides")
+    if overrides:
+        shown = " ".join(f"{k}={v}" for k, v in overrides.items())
+        lines.append(f"{'overrides:':<14}{shown} (the {r.profile.get('name')} profile sets these; "
+                     "edits of them alone are refused)")
     for n in r.notes:
         lines.append(f"{'note:':<14}{n}")
     if r.interrupted:
         lines.append(f"{'interrupted:':<14}yes (exit 130)")
-    click.echo("\n".join(lines))
+    _echo_out("\n".join(lines))
 
 
 @click.command("noise")
@@ -132,11 +147,11 @@ def noise_command(runs, campaign_path):
     """
     from pathlib import Path
 
-    from .loop import measure_noise, noise_summary
+    from .noise import measure_noise, noise_summary
 
     root = Path.cwd()
     campaign = _campaign(root, campaign_path)
-    _sigterm_as_interrupt()
+    _stop_signals_interrupt()
     try:
         data = _fail_on_setup_errors(lambda: measure_noise(root, campaign, runs=runs, echo=_echo_err))
     except KeyboardInterrupt:
@@ -153,13 +168,14 @@ def results_command(as_json, last):
     """The ledger as a table: recent attempts, best so far, counts and the kept trajectory."""
     from pathlib import Path
 
-    from .loop import open_context
+    from .context import open_context
+    from .ledger import row_for
     from .results import format_results, summarize
 
     ctx = _fail_on_setup_errors(lambda: open_context(Path.cwd()))
-    rows = _fail_on_setup_errors(ctx.ledger.rows)
-    reasons = {r["_path"]: r.get("reason") for r in _fail_on_setup_errors(ctx.ledger.receipts)}
-    rows = [{**r, "reason": reasons.get(r.get("receipt"))} for r in rows]
+    # Every receipt, refusals and suspect runs included (results.tsv holds only scored rows).
+    receipts = _fail_on_setup_errors(ctx.ledger.receipts)
+    rows = [{**row_for(r, r["_path"]), "reason": r.get("reason")} for r in receipts]
     summary = summarize(rows, _fail_on_setup_errors(ctx.ledger.noise))
     if as_json:
         click.echo(json.dumps({**summary, "branch": ctx.ledger_branch, "rows": rows}, indent=2))

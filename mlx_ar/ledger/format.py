@@ -7,9 +7,11 @@ bookkeeping commits whose message starts with LEDGER_COMMIT_PREFIX:
     noise.json                      the measured noise floor, once `mlx-ar noise` has run
 Every commit on the branch that is not a ledger commit is a kept experiment.
 
-A row's val_bpb is the mean over the attempt's seed runs (n_runs of them; the significance
-gate re-runs promising candidates); a crash or refused row holds 0.000000 and 0.0 like
-upstream's crash rows. The receipt's `runs` list has each run's seed, status and metrics.
+results.tsv holds upstream's statuses only (keep, discard, crash), so upstream's notebook and
+scripts read it as they read their own: the first row is the baseline. A row's val_bpb is the
+mean over the attempt's seed runs (n_runs of them; the significance gate re-runs promising
+candidates); a crash row holds 0.000000 and 0.0 as upstream's do. Refusals (nothing ran) and
+suspect runs (throttled) have receipts but no row; `mlx-ar results` lists every receipt.
 """
 import csv
 import io
@@ -29,6 +31,8 @@ RESULTS_COLUMNS = (
     "n_runs", "worker",
 )
 STATUSES = ("keep", "discard", "crash", "refused", "suspect")
+# The statuses that get a results.tsv row (upstream's own).
+TSV_STATUSES = ("keep", "discard", "crash")
 # Statuses whose metric measures the recipe (crash/refused have none; suspect runs were throttled).
 SCORED = ("keep", "discard")
 
@@ -41,7 +45,20 @@ RECEIPT_FIELDS = (
     # added by the research loop: which seed runs, what the gate saw, where it ran
     "attempt_commit", "surface_sha", "tier", "gate", "runs", "worker", "contract_parts", "versions",
     "campaign",
+    # where it ran (machine: the name in the branch; host: the computer's) and the data profile
+    "host", "profile",
 )
+
+
+def machine_name(branch: str | None) -> str | None:
+    """The machine name an experiment branch was given: autoresearch/<tag>-<machine>[-w<i>]."""
+    if not branch:
+        return None
+    name = branch.split("/")[-1]
+    parts = name.split("-")
+    if len(parts) >= 3 and parts[-1][:1] == "w" and parts[-1][1:].isdigit():
+        parts = parts[:-1]  # a worker's branch <branch>-w<i>
+    return parts[-1] if len(parts) >= 2 and parts[-1] else None
 
 
 def receipt_name(seq: int, commit: str) -> str:

@@ -1,6 +1,7 @@
 """The keep gate: does a candidate beat the champion, or is the difference noise?
 
-Two gates, chosen by the campaign's `gate` setting:
+Two gates, chosen by the campaign's `gate` setting ("auto", the default, picks `single` until
+the branch has a noise floor and `significance` once it has one; see gate_kind):
 
 * `single` is upstream's rule: one run, keep when its score beats the champion's by more
   than `min_delta`. Cheap, but with seed noise sigma an unchanged recipe is "kept" about half
@@ -21,6 +22,7 @@ freedom that five runs alone never would.
     verdict = decide(settings, candidate=[1.231, 1.229], champion=[1.240, 1.238, 1.241],
                      groups=[noise_values])
     verdict.action   # "keep" | "discard" | "more"
+    gate_note(campaign, noise)   # what every result says about the gate at this noise floor
 
 All values are "lower is better"; callers negate a maximised objective first. The
 statistics (Student's t tail via the regularized incomplete beta function) are implemented
@@ -123,8 +125,9 @@ class GateSettings:
     max_runs: int = 5
 
     @classmethod
-    def from_campaign(cls, c) -> "GateSettings":
-        return cls(c.gate, c.min_delta, c.confidence, c.min_keep_runs, c.max_runs)
+    def from_campaign(cls, c, kind: str | None = None) -> "GateSettings":
+        """The campaign's settings; `kind` resolves gate = "auto" (see gate_kind)."""
+        return cls(kind or c.gate, c.min_delta, c.confidence, c.min_keep_runs, c.max_runs)
 
     def alpha_at(self, k: int) -> float:
         """The share of alpha spent at look k (k runs); 0 before min_keep_runs."""
@@ -226,3 +229,64 @@ def simulate(settings: GateSettings, *, true_gain: float, sigma: float, champion
                 keeps += v.action == "keep"
                 break
     return {"keep_rate": keeps / trials, "mean_runs": runs / trials, "trials": trials}
+
+
+# --- which gate, and how reliable it is at the branch's noise floor ------------------------------
+# Power at which a gain counts as "detected", and the trials of each simulation.
+DETECT_POWER = 0.8
+SIM_TRIALS = 400
+
+
+def floor_of(noise: dict | None) -> float | None:
+    sd = (noise or {}).get("floor")
+    return sd if isinstance(sd, (int, float)) and math.isfinite(sd) and sd > 0 else None
+
+
+def gate_kind(campaign, noise: dict | None) -> str:
+    """The gate a decision uses: the campaign's, with "auto" resolved by whether a floor exists."""
+    if campaign.gate != "auto":
+        return campaign.gate
+    return "significance" if floor_of(noise) is not None else "single"
+
+
+def detectable_gain(settings: GateSettings, sd: float, champion_runs: int, power: float = DETECT_POWER,
+                    trials: int = SIM_TRIALS) -> tuple[float | None, float]:
+    """(smallest gain, in steps of sd/4 up to 4 sd, kept with `power`; or None, mean runs at it)."""
+    for step in range(1, 17):
+        gain = sd * step / 4
+        sim = simulate(settings, true_gain=gain, sigma=sd, champion_runs=champion_runs, trials=trials)
+        if sim["keep_rate"] >= power:
+            return gain, sim["mean_runs"]
+    return None, 0.0
+
+
+def false_keep_rate(settings: GateSettings, sd: float, champion_runs: int, trials: int = 2000) -> float:
+    """How often the gate keeps an unchanged recipe (the A/A case), simulated."""
+    return simulate(settings, true_gain=0.0, sigma=sd, champion_runs=champion_runs, trials=trials)["keep_rate"]
+
+
+def gate_note(campaign, noise: dict | None) -> str | None:
+    """The line a result carries about the gate's reliability at this branch's noise floor."""
+    sd = floor_of(noise)
+    kind = gate_kind(campaign, noise)
+    if sd is None:
+        if kind == "single":
+            return ("no noise floor yet: the single gate keeps an unchanged recipe about half the time. "
+                    "Measure it once with `mlx-ar noise` (the default gate then holds such false keeps "
+                    f"<= {100 * (1 - campaign.confidence):.0f}%)")
+        return "no noise floor yet: the significance gate judges spread by few runs; measure it with `mlx-ar noise`"
+    n = max(2, int(noise.get("n_with_receipts") or noise.get("n") or 2))
+    if kind == "single":
+        rate = false_keep_rate(GateSettings("single", campaign.min_delta), sd, n, trials=500)
+        return (f"gate single at noise floor sd {sd:.6f}: keeps an unchanged recipe about {100 * rate:.0f}% of "
+                'the time; gate = "auto" or "significance" in campaign.toml holds that '
+                f"<= {100 * (1 - campaign.confidence):.0f}%")
+    gain = noise.get("detectable_gain")
+    if gain is None:
+        gain, _runs = detectable_gain(GateSettings.from_campaign(campaign, "significance"), sd, n)
+    found = (f"detects a gain of {gain:.6f} ({gain / sd:.2g} sd) {100 * DETECT_POWER:.0f}% of the time"
+             if gain else "detects only gains above 4 sd")
+    return (f"gate significance at noise floor sd {sd:.6f}: keeps an unchanged recipe <= "
+            f"{100 * (1 - campaign.confidence):.0f}% of the time; {found}")
+
+

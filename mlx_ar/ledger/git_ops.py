@@ -1,4 +1,4 @@
-"""The git side of the ratchet, through GitPython and git plumbing.
+"""The git side of the ratchet, through plain `git` subprocesses.
 
 Commits are built from explicit file contents on top of an explicit parent with a temporary
 index, and branches move with compare-and-swap `update-ref`; nothing here ever stages "all
@@ -6,18 +6,22 @@ changes", checks out over user files or resets a working tree. Only the paths th
 (the mutable surface and the ledger files) are ever written, and their index entries are
 brought in line with the new HEAD afterwards so `git status` stays truthful.
 
+Every git call is a short-lived process in a session of its own: a terminal's Ctrl-C (or a
+closed terminal's SIGHUP) goes to the whole foreground process group, and a git helper in that
+group would die in the middle of the loop's bookkeeping. Nothing here keeps a persistent
+`git cat-file` helper (as GitPython does), so after a signal every call still works.
+
     repo = open_repo(root)
     files = read_worktree(root, ["train.py"])           # {"train.py": b"..."}
     sha = make_commit(repo, parent=head_sha(repo), files=files, message="wider MLP")
     move_branch(repo, branch_name(repo), sha, expected=parent)
     sync_index(repo, ["train.py"])
-
-GitPython (`git`) is imported inside functions so the CLI stays light.
 """
 import difflib
 import hashlib
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from .format import LEDGER_COMMIT_PREFIX
@@ -30,19 +34,38 @@ class GitError(RuntimeError):
     """A git precondition failed (the message says what to do)."""
 
 
-def open_repo(root):
-    """The repository whose working-tree root is `root` (a main checkout or a worktree)."""
-    import git
+@dataclass(frozen=True)
+class Repo:
+    """A git working tree: its root, its own git dir and the git dir shared by all worktrees."""
 
+    working_tree_dir: str
+    git_dir: str
+    common_dir: str
+
+
+def _run(args, cwd, env=None, input_bytes=None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, LC_ALL="C", LANGUAGE="C")
+    full_env.update(env or {})
+    return subprocess.run(["git", *args], cwd=cwd, env=full_env, input=input_bytes, capture_output=True,
+                          start_new_session=True)
+
+
+def open_repo(root) -> Repo:
+    """The repository whose working-tree root is `root` (a main checkout or a worktree)."""
     root = Path(root).resolve()
-    try:
-        repo = git.Repo(root)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        raise GitError(f"{root} is not a git repository (run mlx-ar from the repository root)") from None
-    if repo.bare or Path(repo.working_tree_dir).resolve() != root:
-        raise GitError(f"{root} is not the root of a git working tree (run mlx-ar from the repository root, "
-                       f"{repo.working_tree_dir})")
-    return repo
+    if not root.is_dir():
+        raise GitError(f"{root} is not a git repository (run mlx-ar from the repository root)")
+    p = _run(["rev-parse", "--show-toplevel", "--absolute-git-dir", "--git-common-dir"], root)
+    if p.returncode:
+        raise GitError(f"{root} is not a git repository (run mlx-ar from the repository root)")
+    lines = p.stdout.decode().splitlines()
+    if len(lines) < 3:  # a bare repository has no top level
+        raise GitError(f"{root} is not the root of a git working tree (run mlx-ar from the repository root)")
+    top, git_dir, common = lines[:3]
+    if Path(top).resolve() != root:
+        raise GitError(f"{root} is not the root of a git working tree (run mlx-ar from the repository root, {top})")
+    common_path = Path(common) if Path(common).is_absolute() else root / common
+    return Repo(str(root), git_dir, str(common_path.resolve()))
 
 
 def common_dir(repo) -> Path:
@@ -51,17 +74,23 @@ def common_dir(repo) -> Path:
 
 
 def branch_name(repo) -> str:
-    if repo.head.is_detached:
+    p = _run(["symbolic-ref", "--quiet", "--short", "HEAD"], repo.working_tree_dir)
+    if p.returncode:
         raise GitError("HEAD is detached; check out the experiment branch first "
                        "(git checkout -b autoresearch/<tag>-<machine>)")
-    return repo.active_branch.name
+    return p.stdout.decode().strip()
+
+
+def branches(repo) -> list[str]:
+    """Local branch names."""
+    return _git(repo, "for-each-ref", "--format=%(refname:short)", "refs/heads/").splitlines()
 
 
 def head_sha(repo) -> str:
-    try:
-        return repo.head.commit.hexsha
-    except ValueError:
-        raise GitError("the repository has no commits yet; commit train.py first") from None
+    p = _run(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], repo.working_tree_dir)
+    if p.returncode:
+        raise GitError("the repository has no commits yet; commit train.py first")
+    return p.stdout.decode().strip()
 
 
 def is_ledger_message(message: str) -> bool:
@@ -69,13 +98,15 @@ def is_ledger_message(message: str) -> bool:
 
 
 def commit_info(repo, rev: str) -> dict:
-    c = repo.commit(rev)
-    return {"sha": c.hexsha, "message": c.message, "parents": [p.hexsha for p in c.parents]}
+    out = _git(repo, "log", "-1", "--format=%H%n%P%n%B", rev, "--", strip=False)
+    sha, parents, message = (out.split("\n", 2) + ["", ""])[:3]
+    return {"sha": sha, "message": message.rstrip("\n") + "\n" if message.strip() else "",
+            "parents": parents.split()}
 
 
-def has_ledger_commit(repo, rev: str) -> bool:
-    """Whether `rev` or any ancestor is a ledger commit (i.e. the branch has a ledger)."""
-    return bool(_git(repo, "log", "--format=%H", "-n", "1", f"--grep=^{LEDGER_COMMIT_PREFIX}", rev))
+def is_ancestor(repo, a: str, b: str) -> bool:
+    """Whether commit `a` is `b` or one of its ancestors."""
+    return _run(["merge-base", "--is-ancestor", a, b], repo.working_tree_dir).returncode == 0
 
 
 # --- reading files -----------------------------------------------------------------------------
@@ -90,13 +121,16 @@ def read_worktree(root, paths) -> dict:
 
 def read_commit(repo, rev: str, paths) -> dict:
     """{path: bytes, or None when absent} at commit `rev`."""
-    tree = repo.commit(rev).tree
     out = {}
     for p in paths:
-        try:
-            out[p] = tree[p].data_stream.read()
-        except KeyError:
+        entry = _tree_entry(repo, rev, p)
+        if entry is None or entry[1] != "blob":
             out[p] = None
+            continue
+        proc = _run(["cat-file", "blob", entry[2]], repo.working_tree_dir)
+        if proc.returncode:
+            raise GitError(f"git cat-file blob {entry[2][:12]} failed: {proc.stderr.decode(errors='replace').strip()}")
+        out[p] = proc.stdout
     return out
 
 
@@ -154,10 +188,7 @@ def status_paths(repo) -> list[str]:
 # --- writing ---------------------------------------------------------------------------------
 def _git(repo, *args, env=None, input_bytes=None, strip=True) -> str:
     """Run a git command in the working tree; raise GitError with git's own message."""
-    full_env = dict(os.environ, LC_ALL="C", LANGUAGE="C")
-    full_env.update(env or {})
-    p = subprocess.run(["git", *args], cwd=repo.working_tree_dir, env=full_env, input=input_bytes,
-                       capture_output=True)
+    p = _run(args, repo.working_tree_dir, env=env, input_bytes=input_bytes)
     if p.returncode:
         raise GitError(f"git {' '.join(args[:3])} failed: {p.stderr.decode(errors='replace').strip()}")
     out = p.stdout.decode(errors="replace")
@@ -165,12 +196,12 @@ def _git(repo, *args, env=None, input_bytes=None, strip=True) -> str:
 
 
 def _tree_entry(repo, rev: str, path: str):
-    """(mode, sha) of `path` in `rev`, or None."""
+    """(mode, type, sha) of `path` in `rev`, or None."""
     out = _git(repo, "ls-tree", rev, "--", path)
     if not out:
         return None
     meta = out.split("\t", 1)[0].split()
-    return meta[0], meta[2]
+    return meta[0], meta[1], meta[2]
 
 
 def make_commit(repo, *, parent: str, files: dict, message: str) -> str:
@@ -215,7 +246,7 @@ def sync_index(repo, paths) -> None:
         if entry is None:
             _git(repo, "update-index", "--force-remove", "--", path)
         else:
-            _git(repo, "update-index", "--add", "--cacheinfo", f"{entry[0]},{entry[1]},{path}")
+            _git(repo, "update-index", "--add", "--cacheinfo", f"{entry[0]},{entry[2]},{path}")
 
 
 def write_worktree(root, files: dict) -> None:

@@ -8,7 +8,8 @@
 Every file is written to a temporary name and moved into place with os.replace, so a crash
 leaves the old file or the new one, never half of either. The receipt is the source of truth
 and is written before its results.tsv row; `repair()` re-appends rows for receipts that have
-none (a crash between the two), so no attempt is ever lost from the table.
+none (a crash between the two), so no scored attempt is ever lost from the table. Only keep,
+discard and crash receipts get a row (see format.py); `all_rows()` lists every receipt.
 
 The pure functions at the bottom read receipts: the champion, the samples of one train.py,
 the variance groups, and the branch's usual tok/s (for the throttle sentinel).
@@ -22,8 +23,8 @@ from pathlib import Path
 
 from ..atomic import atomic_write
 
-from .format import (NOISE_FILE, RECEIPT_SCHEMA, RECEIPTS_DIR, RESULTS_FILE, SCORED, format_row, header_line,
-                     parse_receipt, parse_results, receipt_name)
+from .format import (NOISE_FILE, RECEIPT_SCHEMA, RECEIPTS_DIR, RESULTS_FILE, SCORED, TSV_STATUSES, format_row,
+                     header_line, parse_receipt, parse_results, receipt_name)
 
 
 class LedgerError(RuntimeError):
@@ -80,6 +81,10 @@ class Ledger:
         except (OSError, UnicodeDecodeError) as e:
             raise LedgerError(f"cannot read {self.results_path}: {e}") from None
 
+    def all_rows(self) -> list[dict]:
+        """A row for every receipt (refusals and suspect runs too), in seq order."""
+        return [row_for(r, r["_path"]) for r in self.receipts()]
+
     def receipts(self) -> list[dict]:
         """All receipts in seq order; each gets a `_path` key (relative to the root)."""
         out = []
@@ -126,7 +131,8 @@ class Ledger:
             if (self.root / rel).exists():
                 raise LedgerError(f"{self.root / rel} already exists; sequence numbers must be unique")
             atomic_write(self.root / rel, dump_json({k: v for k, v in receipt.items() if not k.startswith("_")}))
-            self._append_rows([row_for(receipt, rel)])
+            if receipt.get("status") in TSV_STATUSES:
+                self._append_rows([row_for(receipt, rel)])
         return rel
 
     def _append_rows(self, rows: list[dict]) -> None:
@@ -141,10 +147,10 @@ class Ledger:
         atomic_write(self.results_path, text + "".join(format_row(r) for r in rows))
 
     def repair(self) -> list[str]:
-        """Append rows for receipts missing from results.tsv (a crash between the two writes)."""
+        """Append rows for scored receipts missing from results.tsv (a crash between the two writes)."""
         with self.lock():
             have = {r.get("receipt") for r in self.rows()}
-            missing = [r for r in self.receipts() if r["_path"] not in have]
+            missing = [r for r in self.receipts() if r["_path"] not in have and r.get("status") in TSV_STATUSES]
             if missing:
                 self._append_rows([row_for(r, r["_path"]) for r in missing])
             return [r["_path"] for r in missing]

@@ -15,7 +15,7 @@ worker's metadata and:
   the cuda backend, `CUDA_VISIBLE_DEVICES` set to the worker's GPU.
 
 The metadata lives in the worktree's private git directory (`.git/worktrees/w<i>/`), so
-it never shows up as a change in the working tree.
+it never shows up as a change in the working tree; context.py reads it.
 
     infos = setup_workers(root, 4, backend="cuda")
     meta = worker_meta(repo)     # None in the main checkout
@@ -25,12 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_write
-
-META_FILE = "mlx-ar-worker.json"
-
-
-class WorkerError(RuntimeError):
-    """Workers cannot be set up (the message says why and what to do)."""
+from . import git_ops
+from .campaign import load_campaign
+from .context import META_FILE, WorkerError, open_context, worker_env, worker_meta  # noqa: F401 (re-exported)
+from .ratchet import sync_to_champion
 
 
 @dataclass
@@ -41,28 +39,6 @@ class WorkerInfo:
     created: bool
     synced: bool
     note: str = ""
-
-
-def worker_meta(repo) -> dict | None:
-    """This worktree's worker metadata, or None for the main checkout / a plain worktree."""
-    p = Path(repo.git_dir) / META_FILE
-    if not p.exists():
-        return None
-    try:
-        meta = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise WorkerError(f"{p} is unreadable ({e}); re-create the worker with `mlx-ar workers`") from None
-    for key in ("worker", "ledger_root", "ledger_branch"):
-        if key not in meta:
-            raise WorkerError(f"{p} lacks {key!r}; re-create the worker with `mlx-ar workers`")
-    return meta
-
-
-def worker_env(meta: dict | None, backend: str) -> dict:
-    """Extra environment for the worker's training child (its own GPU on cuda)."""
-    if meta and backend == "cuda" and meta.get("gpu") is not None:
-        return {"CUDA_VISIBLE_DEVICES": str(meta["gpu"])}
-    return {}
 
 
 def default_workers_dir(root) -> Path:
@@ -78,10 +54,6 @@ def setup_workers(root, n: int, *, workers_dir=None, gpus: list | None = None, c
     one with an edit in progress is left alone (its next `mlx-ar run` judges the edit).
     `gpus[i]` is worker i+1's CUDA device (default: i).
     """
-    from . import git_ops
-    from .campaign import load_campaign
-    from .loop import open_context, sync_to_champion
-
     if n < 1:
         raise WorkerError(f"the number of workers must be at least 1, got {n}")
     root = Path(root).resolve()
@@ -106,7 +78,7 @@ def setup_workers(root, n: int, *, workers_dir=None, gpus: list | None = None, c
         if path.resolve() not in existing:
             if path.exists():
                 raise WorkerError(f"{path} exists but is not a worktree of {root}; move it away and re-run")
-            if wbranch in [h.name for h in repo.heads]:
+            if wbranch in git_ops.branches(repo):
                 raise WorkerError(f"branch {wbranch} already exists without a worktree; delete it "
                                   f"(git branch -D {wbranch}) or pick another branch")
             workers_dir.mkdir(parents=True, exist_ok=True)
