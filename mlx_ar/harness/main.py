@@ -163,7 +163,7 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     from .loop import train_loop
     from .memory import GcControl
     from .schedules import Schedule
-    from .summary import FastFail, budget_label, file_hashes, kernel_line
+    from .summary import FastFail, budget_label, file_hashes, kernel_line, overrides_text
 
     ds = open_dataset(args.data)
     profile = ds.profile
@@ -176,6 +176,7 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
         recipe = {**recipe, **overrides}
         fields["recipe"] = recipe
         print(f"{profile.name} profile: recipe overrides {overrides}", flush=True)
+        fields["recipe_overrides"] = overrides
     schedule = Schedule.from_recipe(recipe)
     contract, contract_parts = ds.contract
     fields.update(dataset=ds.name, profile=profile.name, time_budget=budget, contract=contract,
@@ -228,7 +229,8 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     metrics.update(val_bpb=round(val_bpb, 6), peak_vram_mb=round(backend.peak_memory_mb(), 1),
                    total_seconds=round(time.perf_counter() - t0, 1))
     return {**metrics, "backend": backend.name, "device": fields["device"], "profile": profile.name,
-            "budget": budget_text, "seed": seed, "contract": contract, "record": str(args.record)}
+            "budget": budget_text, "seed": seed, "contract": contract, "record": str(args.record),
+            **({"overrides": overrides_text(overrides)} if overrides else {})}
 
 
 def _round(x, n):

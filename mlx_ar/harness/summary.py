@@ -36,6 +36,9 @@ SUMMARY_KEYS = (
 # The numeric keys, which are also the record's "metrics" (seed is recorded at top level).
 METRIC_KEYS = SUMMARY_KEYS[:11]
 KEY_WIDTH = 18  # "key:" padded to this many characters, as upstream prints it
+# Printed after SUMMARY_KEYS only when given: a reduced profile's recipe overrides (demo), so a
+# run never silently replaces what train.py says; the real contract's block stays upstream's.
+OPTIONAL_KEYS = ("overrides",)
 UNKNOWN = "unknown"
 
 _DECIMALS = {
@@ -62,13 +65,19 @@ def format_summary(values: dict) -> str:
     None prints as `unknown` (mfu_percent on a chip with no known peak).
     """
     missing = [k for k in SUMMARY_KEYS if k not in values]
-    extra = [k for k in values if k not in SUMMARY_KEYS]
+    extra = [k for k in values if k not in SUMMARY_KEYS and k not in OPTIONAL_KEYS]
     if missing or extra:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
             [f"unknown keys {', '.join(extra)}"] if extra else [])
         raise ValueError(f"format_summary: {'; '.join(parts)} (keys are mlx_ar.harness.summary.SUMMARY_KEYS)")
-    lines = ["---"] + [f"{k + ':':<{KEY_WIDTH}}{_format_value(k, values[k])}" for k in SUMMARY_KEYS]
+    keys = list(SUMMARY_KEYS) + [k for k in OPTIONAL_KEYS if values.get(k)]
+    lines = ["---"] + [f"{k + ':':<{KEY_WIDTH}}{_format_value(k, values[k])}" for k in keys]
     return "\n".join(lines) + "\n"
+
+
+def overrides_text(overrides: dict) -> str:
+    """The `overrides:` value: 'DEPTH=2 HEAD_DIM=32', the recipe constants a profile replaced."""
+    return " ".join(f"{k}={v!r}".replace(" ", "") for k, v in overrides.items())
 
 
 def budget_label(time_budget: float, smoke: bool) -> str:
@@ -128,9 +137,10 @@ RECORD_SCHEMA = 1
 RECORD_FIELDS = (
     "schema", "status", "reason", "backend", "device", "profile", "smoke", "time_budget", "seed",
     "dataset", "recipe", "contract", "contract_parts", "metrics", "executed_files", "versions",
-    "started_at", "finished_at",
+    "started_at", "finished_at", "recipe_overrides",
 )
-_RECORD_DEFAULTS = {"schema": RECORD_SCHEMA, "reason": None, "metrics": None}
+# recipe_overrides: {name: value} the data profile replaced in train.py's recipe ({} for the real one).
+_RECORD_DEFAULTS = {"schema": RECORD_SCHEMA, "reason": None, "metrics": None, "recipe_overrides": {}}
 STATUSES = ("ok", "fail")
 
 
