@@ -219,6 +219,11 @@ class Block(nn.Module):
         x = self.attn(rms_norm(x), ve, cos, sin, residual=x)
         return self.mlp(rms_norm(x), residual=x)
 
+    def logits(self, idx):
+        """Soft-capped float32 logits (B, T, V): the predictions the fixed evaluation scores."""
+        cap = self.cfg.softcap
+        return cap * torch.tanh(self.lm_head(self.hidden(idx)).float() / cap)
+
 
 class Masks:
     """Sliding-window attention for every layer, with the masks built once.

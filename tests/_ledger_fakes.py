@@ -31,7 +31,7 @@ FAKE_TRAIN = textwrap.dedent('''\
     import sys
     import time
 
-    from mlx_ar.harness.summary import build_record, fail_line, format_summary, write_record
+    from mlx_ar.harness.summary import SUMMARY_KEYS, build_record, fail_line, format_summary, write_record
 
 
     def main():
@@ -81,9 +81,9 @@ FAKE_TRAIN = textwrap.dedent('''\
             fields["status"] = "ok"
             write_record(a.record, build_record(metrics=metrics, **fields))
         shown = dict(metrics, val_bpb=val + 0.5) if MODE == "mismatch" else metrics
-        print(format_summary({**shown, "backend": a.backend, "device": "Fake Chip", "profile": "demo",
-                              "budget": "1 s", "seed": a.seed, "contract": "c0ffee", "record": a.record}),
-              flush=True)
+        values = {**dict.fromkeys(SUMMARY_KEYS), **shown, "backend": a.backend, "device": "Fake Chip",
+                  "profile": "demo", "budget": "1 s", "seed": a.seed, "contract": "c0ffee", "record": a.record}
+        print(format_summary({k: v for k, v in values.items() if k in SUMMARY_KEYS}), flush=True)
 
 
     main()
@@ -105,6 +105,9 @@ def set_identity(monkeypatch) -> None:
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
     monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    # The loop reads the data profile from the cache; an empty one keeps the tests hermetic.
+    import tempfile
+    monkeypatch.setenv("MLX_AR_CACHE", tempfile.mkdtemp(prefix="mlx-ar-empty-cache-"))
 
 
 def make_repo(root: Path, branch: str = "autoresearch/test-box", extra_files: dict | None = None) -> Path:

@@ -88,7 +88,14 @@ class MLXBackend:
             return loss
 
         self._step = mx.compile(step, inputs=self.state, outputs=self.state)
-        self._eval = mx.compile(lambda x, y: model.token_losses(x, y), inputs=[model.state])
+        # Evaluation reads only the model's predictions; the cross-entropy is this fixed code's.
+        self._logits = mx.compile(lambda x: model.logits(x).astype(mx.float32), inputs=[model.state])
+
+        def nats(x, y):
+            z = model.logits(x).astype(mx.float32)
+            return mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, y[..., None], axis=-1)[..., 0]
+
+        self._nats = mx.compile(nats, inputs=[model.state])
 
     def set_hyper(self, lr_mult: float, muon_momentum: float, weight_decay: float) -> None:
         self.optimizer.set_hyper(lr_mult, muon_momentum, weight_decay)
@@ -105,9 +112,13 @@ class MLXBackend:
     def loss_value(self, handle) -> float:
         return handle.item()
 
-    def eval_loss(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        out = self._eval(self._to_device(inputs), self._to_device(targets))
-        return np.asarray(out)
+    def eval_logits(self, inputs: np.ndarray) -> np.ndarray:
+        """The model's float32 logits (b, T, V) for the leak probe."""
+        return np.asarray(self._logits(self._to_device(inputs)))
+
+    def eval_nats(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Per-token nats (b, T), float32: log-sum-exp minus the target logit of model.logits."""
+        return np.asarray(self._nats(self._to_device(inputs), self._to_device(targets)))
 
     def sync(self) -> None:
         self.mx.eval(self.state)

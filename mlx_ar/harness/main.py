@@ -2,7 +2,8 @@
 
 train.py calls `main(__file__)` right after its recipe block, before it imports MLX, so the
 cuda backend runs on machines without MLX. This module reads the recipe from train.py's source, opens the prepared dataset, builds the chosen backend, trains for the profile's time
-budget through `train_loop`, scores the model with the fixed `evaluate_bpb`, prints the
+budget through `train_loop`, checks that its predictions do not look ahead (the leak probe),
+scores them with the fixed `evaluate_bpb` on the validation and the held-out split, prints the
 summary block and writes the run record. Every failure (bad data, a NaN loss, an exception,
 Ctrl-C) still prints `FAIL: <reason>` and writes a record with status "fail".
 """
@@ -134,12 +135,14 @@ def run(train_file, argv=None) -> int:
         code = 130
     except Exception as e:  # every failure still leaves a record behind
         from ..data import DataError
+        from ..evaluate import LeakDetected
         from .summary import FastFail
 
         # Our own errors explain themselves; anything else gets its traceback for debugging.
-        if not isinstance(e, (FastFail, DataError, RecipeError, ValueError)):
+        if not isinstance(e, (FastFail, DataError, LeakDetected, RecipeError, ValueError)):
             traceback.print_exc()
-        fields["reason"] = str(e) if isinstance(e, (FastFail, DataError)) else f"{type(e).__name__}: {e}"
+        own = (FastFail, DataError, LeakDetected)
+        fields["reason"] = str(e) if isinstance(e, own) else f"{type(e).__name__}: {e}"
         code = 1
     from .summary import build_record, fail_line, format_summary, utc_timestamp, write_record
 

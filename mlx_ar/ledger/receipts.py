@@ -56,7 +56,7 @@ def build_receipt(d: Draft, *, status: str, reason: str, commit: str | None, met
     first = next((o.record for o in runs if o.record), None) or {}
     diff = git_ops.diff_text(d.base_files, d.cand_files) if d.cand_files and d.base_files else ""
     profile = dict(d.profile or {})
-    if first.get("recipe_overrides") is not None:  # what the run itself says it overrode
+    if first.get("recipe_overrides"):  # what the run itself says it overrode
         profile["overrides"] = first["recipe_overrides"]
     r = {
         "schema": RECEIPT_SCHEMA, "seq": d.seq, "status": status, "reason": reason,
