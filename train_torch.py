@@ -219,11 +219,6 @@ class Block(nn.Module):
         x = self.attn(rms_norm(x), ve, cos, sin, residual=x)
         return self.mlp(rms_norm(x), residual=x)
 
-    def logits(self, idx):
-        """Soft-capped float32 logits (B, T, V): the predictions the fixed evaluation scores."""
-        cap = self.cfg.softcap
-        return cap * torch.tanh(self.lm_head(self.hidden(idx)).float() / cap)
-
 
 class Masks:
     """Sliding-window attention for every layer, with the masks built once.
@@ -349,6 +344,11 @@ class GPT(nn.Module):
     def token_losses(self, idx, targets):
         """Per-token cross-entropy in nats, float32 (B, T)."""
         return self(idx, targets, reduction="none")
+
+    def logits(self, idx):
+        """Soft-capped float32 logits (B, T, V): the predictions the fixed evaluation scores."""
+        cap = self.cfg.softcap
+        return cap * torch.tanh(self.lm_head(self.hidden(idx)).float() / cap)
 
 
 def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=False, attention=None,

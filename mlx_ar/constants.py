@@ -10,6 +10,7 @@ TIME_BUDGET = 300                  # seconds of training steps (start-up and com
 MAX_SEQ_LEN = 2048                 # tokens per row, BOS included
 VOCAB_SIZE = 8192                  # BPE vocabulary, the special tokens included
 EVAL_TOKENS = 3 * 524_288          # validation tokens scored by evaluate_bpb
+HELDOUT_SHARE = 6                  # the held-out walk scores 1/HELDOUT_SHARE of the validation rows
 
 # --- tokenizer -------------------------------------------------------------------------------
 SPECIAL_TOKENS = ("<|bos|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>")
@@ -28,8 +29,9 @@ CLIMBMIX_DEFAULT_SHARDS = 10       # training shards fetched by default
 CACHE_ENV = "MLX_AR_CACHE"         # overrides the cache root (tests use a temporary directory)
 DEFAULT_CACHE = "~/.cache/mlx-autoresearch"
 
-# Bumped whenever evaluate_bpb or the validation walk changes meaning.
-EVAL_VERSION = 1
+# Bumped whenever scoring changes meaning (evaluate_bpb, the leak probe, the validation or
+# held-out walk); the contract fingerprint hashes this number, not the source of that code.
+EVAL_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -262,6 +262,8 @@ def test_demo_corpus_is_read_not_imported():
 
 # --- the command line -------------------------------------------------------------------------
 def test_cli_demo_end_to_end(data_cache):
+    from mlx_ar.evaluate import contract_fingerprint
+
     res = CliRunner().invoke(prepare_command, ["--source", "demo"])
     assert res.exit_code == 0, res.output
     assert "python train.py" in res.output
@@ -269,7 +271,10 @@ def test_cli_demo_end_to_end(data_cache):
     ds = open_dataset()
     assert ds.name == "demo" and ds.profile.name == "demo" and ds.vocab_size == ds.profile.vocab_size
     assert ds.manifest["throughput"]["tokens_per_sec"] > 0
-    fp, _ = ds.contract
+    fp, parts = contract_fingerprint(ds)
+    # The demo validation source is big enough for a held-out split, pinned like validation.
+    assert ds.heldout_missing is None and parts["heldout"] == ds.manifest["heldout_walk"]["sha256"]
+    assert "held-out:" in res.output and "none" not in res.output.split("held-out:")[1].splitlines()[0]
     x, y, epoch = next(ds.train_batches(4, ds.profile.max_seq_len))
     assert x.shape == (4, 256) and (x[:, 0] == ds.bos_id).all() and epoch == 1
     again = CliRunner().invoke(prepare_command, ["--source", "demo"])

@@ -1,7 +1,8 @@
-"""evaluate_bpb exactness and the contract fingerprint."""
+"""evaluate_bpb exactness, cross-entropy from logits, the leak probe, held-out scoring, the contract fingerprint."""
 import math
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,10 +11,11 @@ from conftest import TINY_PROFILE, prose_docs, write_parquet
 from mlx_ar.constants import REAL, Profile
 from mlx_ar.data.dataset import Dataset
 from mlx_ar.data.errors import DataError
-from mlx_ar.data.loader import DocTable, val_batches, validation_walk_source
+from mlx_ar.data.loader import DocTable, val_batches
 from mlx_ar.data.shards import TokenShard, shard_files
-from mlx_ar.evaluate import (contract_parts, eval_batch_rows, eval_code_hash, evaluate_bpb, fingerprint,
-                             validation_walk_digest)
+from mlx_ar.data.walk import heldout_rows, walk_digest
+from mlx_ar.evaluate import (LeakDetected, check_causal, contract_fingerprint, contract_parts, cross_entropy,
+                             eval_batch_rows, evaluate_bpb, fingerprint, leak_probe, nats_from_logits, probe_points)
 
 V = 64
 BOS = 60
@@ -110,7 +112,7 @@ def test_progress_and_nan():
 
 
 def test_bad_loss_shape_is_rejected():
-    with pytest.raises(ValueError, match="per-token losses"):
+    with pytest.raises(ValueError, match="per-token nats"):
         evaluate_bpb(lambda x, y: np.zeros(len(y)), FakeDataset(PROFILE))
 
 
@@ -133,47 +135,166 @@ def test_on_a_prepared_dataset(tiny_dataset):
     assert uniform == pytest.approx(math.log(ds.vocab_size) * (nbytes > 0).sum() / (math.log(2) * nbytes.sum()))
 
 
+# --- cross-entropy from logits ------------------------------------------------------------------
+def reference_nats(logits, targets):
+    """float64 log-softmax cross-entropy, the slow obvious way."""
+    z = np.asarray(logits, dtype=np.float64)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    return lse - np.take_along_axis(z, targets[..., None].astype(np.int64), -1)[..., 0]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_float32_chunked_cross_entropy_equals_a_float64_reference(chunk):
+    rng = np.random.default_rng(1)
+    # Soft-capped-range logits, with a few rows pushed to the cap where a naive exp would overflow.
+    logits = (15 * np.tanh(rng.normal(0, 3, size=(3, 17, 500)) / 15)).astype(np.float32)
+    logits[1, 4] += 80.0
+    targets = rng.integers(0, 500, size=(3, 17)).astype(np.int32)
+    got = cross_entropy(logits, targets, chunk_positions=chunk)
+    assert got.dtype == np.float32 and got.shape == (3, 17)
+    np.testing.assert_allclose(got, reference_nats(logits, targets), rtol=2e-6, atol=2e-5)
+
+
+def test_scoring_from_logits_in_row_chunks_is_exact():
+    rng = np.random.default_rng(2)
+    table = rng.normal(0, 2, size=(V, V)).astype(np.float32)     # a bigram "model": logits of the input token
+    logits_fn = lambda x: table[x]
+    one = evaluate_bpb(nats_from_logits(logits_fn, chunk_rows=1), FakeDataset(PROFILE))
+    many = evaluate_bpb(nats_from_logits(logits_fn, chunk_rows=5), FakeDataset(PROFILE), max_logits_bytes=1 << 30)
+    assert one == many
+    ds = FakeDataset(PROFILE)
+    inputs = np.concatenate([x for x, _ in val_batches(ds.table, 20, 32, max_rows=20)])
+    targets = walked_targets(ds)
+    nats, nbytes = reference_nats(table[inputs], targets), ds.token_bytes[targets]
+    assert one == pytest.approx(nats[nbytes > 0].sum() / (math.log(2) * nbytes.sum()), rel=1e-6)
+
+
+# --- leak probe -------------------------------------------------------------------------------
+def causal_logits(x):
+    """Logits at t from tokens 0..t only: a decayed running sum of token features."""
+    feats = np.sin(np.arange(V)[None, :] * (x[..., None] + 1.0) / 7.0)
+    out = np.zeros(x.shape + (V,), dtype=np.float32)
+    acc = np.zeros((x.shape[0], V))
+    for t in range(x.shape[1]):
+        acc = 0.9 * acc + feats[:, t]
+        out[:, t] = acc
+    return out
+
+
+def peeking_logits(x):
+    """Causal, except that position t also sees token t+1 (its target)."""
+    out = causal_logits(x)
+    out[:, :-1] += 3.0 * np.eye(V, dtype=np.float32)[x[:, 1:]]
+    return out
+
+
+def short_row_leak(x):
+    """Causal on full rows; on shorter rows every position sees the row's last token (a mask sliced wrong)."""
+    out = causal_logits(x)
+    if x.shape[1] < PROFILE.max_seq_len:
+        out += np.eye(V, dtype=np.float32)[x[:, -1]][:, None, :]
+    return out
+
+
+def test_probe_points_cover_the_middle_the_end_and_a_short_row():
+    assert probe_points(2048) == [(2048, 0), (2048, 512), (2048, 1023), (2048, 1024), (2048, 2046), (256, 254)]
+    assert probe_points(2) == [(2, 0)]
+
+
+def test_leak_probe_passes_a_causal_model_and_catches_look_ahead():
+    row = next(val_batches(FakeDataset(PROFILE).table, 1, 32))[0][0]
+    assert leak_probe(causal_logits, row, V) is None
+    reason = leak_probe(peeking_logits, row, V)
+    assert reason.startswith("leak: ") and "positions 0..0 of a 32-token row" in reason
+    reason = leak_probe(short_row_leak, row, V)
+    assert reason.startswith("leak: ") and "of a 4-token row" in reason
+
+
+def test_check_causal_raises_on_the_first_validation_row():
+    check_causal(causal_logits, FakeDataset(PROFILE))
+    with pytest.raises(LeakDetected, match="^leak: "):
+        check_causal(peeking_logits, FakeDataset(PROFILE))
+
+
+# --- held-out split ---------------------------------------------------------------------------
+def test_heldout_is_scored_on_its_own_disjoint_walk(tiny_dataset):
+    ds = tiny_dataset
+    n = heldout_rows(ds.profile)
+    seen = []
+
+    def nats(x, y):
+        seen.append(x.copy())
+        return np.full(y.shape, math.log(ds.vocab_size))
+
+    bpb = evaluate_bpb(nats, ds, split="heldout")
+    inputs = np.concatenate(seen)
+    assert inputs.shape == (n, ds.profile.max_seq_len) and bpb > 0
+    held = {tuple(r) for r in inputs}
+    val = {tuple(x) for b, _ in ds.val_batches(64, ds.profile.max_seq_len) for x in b}
+    assert not held & val, "held-out rows must not be validation rows"
+    assert ds.num_tokens("val") + ds.num_tokens("heldout") > ds.num_tokens("val")
+
+
+def test_a_dataset_without_heldout_says_so_and_still_scores_validation(tiny_dataset, tmp_path):
+    import json
+
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_dataset.dir, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    del m["heldout_walk"], m["splits"]["heldout"]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    old = Dataset(copy, "old")
+    assert "prepared without a held-out split" in old.heldout_missing and "--force" in old.heldout_missing
+    with pytest.raises(DataError, match="without a held-out split"):
+        evaluate_bpb(lambda x, y: np.ones(y.shape), old, split="heldout")
+    _, parts = contract_fingerprint(old)
+    assert parts["heldout"] is None and parts["validation"] == contract_fingerprint(tiny_dataset)[1]["validation"]
+
+
 # --- contract fingerprint ---------------------------------------------------------------------
 def test_contract_shape_and_stability(tiny_dataset):
-    fp, parts = tiny_dataset.contract
+    fp, parts = contract_fingerprint(tiny_dataset)
     assert len(fp) == 16 and int(fp, 16) >= 0
-    assert set(parts) == {"profile", "eval_version", "tokenizer", "validation", "eval_code"}
+    assert set(parts) == {"eval_version", "profile", "heldout_share", "tokenizer", "validation", "heldout"}
     assert parts["tokenizer"] == tiny_dataset.tokenizer.hash
-    again = Dataset(tiny_dataset.dir, "other-name")
-    assert again.contract == (fp, parts)
+    assert parts["heldout"] == tiny_dataset.manifest["heldout_walk"]["sha256"]
+    assert contract_fingerprint(Dataset(tiny_dataset.dir, "other-name")) == (fp, parts)
     assert fingerprint(parts) == fp
 
 
 def test_fingerprint_changes_with_each_ingredient(tiny_dataset):
-    _, parts = tiny_dataset.contract
-    base = dict(tok=parts["tokenizer"], val=parts["validation"], code=parts["eval_code"])
+    _, parts = contract_fingerprint(tiny_dataset)
+    base = dict(tok=parts["tokenizer"], val=parts["validation"], held=parts["heldout"])
 
-    def fp(profile=TINY_PROFILE, tok=base["tok"], val=base["val"], code=base["code"], version=parts["eval_version"]):
-        return fingerprint(contract_parts(profile, tok, val, code, version))
+    def fp(profile=TINY_PROFILE, tok=base["tok"], val=base["val"], held=base["held"], version=parts["eval_version"],
+           share=parts["heldout_share"]):
+        return fingerprint(contract_parts(profile, tok, val, held, version, share))
 
     variants = [fp()]
     for field in ("name", "time_budget", "max_seq_len", "vocab_size", "eval_tokens"):
         value = getattr(TINY_PROFILE, field)
         variants.append(fp(profile=replace(TINY_PROFILE, **{field: value + "x" if isinstance(value, str) else value + 1})))
-    variants += [fp(version=parts["eval_version"] + 1), fp(tok="0" * 64), fp(val="1" * 64), fp(code="2" * 64)]
+    variants += [fp(version=parts["eval_version"] + 1), fp(share=parts["heldout_share"] + 1), fp(tok="0" * 64),
+                 fp(val="1" * 64), fp(held="2" * 64), fp(held=None)]
     assert len(set(variants)) == len(variants)
-    assert variants[0] == tiny_dataset.contract[0]
+    assert variants[0] == contract_fingerprint(tiny_dataset)[0]
     # Recipe overrides change the model a profile trains, not what val_bpb means.
     assert fp(profile=replace(TINY_PROFILE, recipe_overrides=(("DEPTH", 2),))) == variants[0]
 
 
-def test_eval_code_hash_covers_this_module_and_the_walk():
-    src = validation_walk_source()
-    assert "class BestFitPacker" in src and "def val_batches" in src and "BUFFER_DOCS = " in src
-    live = eval_code_hash()
-    assert eval_code_hash(walk_source=src) == live
-    assert eval_code_hash(walk_source=src.replace("bisect_right(lens, space) - 1", "bisect_right(lens, space)")) != live
+def test_a_comment_in_the_fixed_code_does_not_change_the_fingerprint(tiny_dataset, tmp_path):
+    import importlib.util
+
     import mlx_ar.evaluate as ev
 
-    with open(ev.__file__, "rb") as f:
-        code = f.read()
-    assert eval_code_hash(evaluate_source=code) == live
-    assert eval_code_hash(evaluate_source=code.replace(b"math.log(2)", b"math.log(2.0)")) != live
+    source = Path(ev.__file__).read_text().replace(
+        "def contract_fingerprint(ds)", "# A reworded comment, as a docstring fix would be.\ndef contract_fingerprint(ds)")
+    path = tmp_path / "evaluate_commented.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("mlx_ar.evaluate_commented", path)
+    commented = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(commented)
+    assert commented.contract_fingerprint(tiny_dataset) == ev.contract_fingerprint(tiny_dataset)
 
 
 def test_validation_identity_follows_the_scored_tokens(tiny_dataset, tmp_path):
@@ -191,10 +312,21 @@ def test_validation_identity_follows_the_scored_tokens(tiny_dataset, tmp_path):
     np.save(tok_path, arr)
     ds = Dataset(copy, "copy")
     rows = TINY_PROFILE.eval_tokens // TINY_PROFILE.max_seq_len
-    _, digest = validation_walk_digest(ds.split_table("val"), TINY_PROFILE.max_seq_len, rows)
-    assert digest != tiny_dataset.contract[1]["validation"]
-    with pytest.raises(DataError, match="differ from those recorded"):
-        ds.contract
+    _, digest = walk_digest(ds.split_table("val"), TINY_PROFILE.max_seq_len, rows)
+    assert digest != contract_fingerprint(tiny_dataset)[1]["validation"]
+    with pytest.raises(DataError, match="validation tokens .* differ from those recorded"):
+        contract_fingerprint(ds)
+
+
+def test_heldout_identity_is_checked_too(tiny_dataset, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dataset.dir, copy)
+    tok_path, _ = shard_files(copy / "tokens", "heldout", 0)
+    arr = np.load(tok_path)
+    arr[1] = (arr[1] + 1) % 380
+    np.save(tok_path, arr)
+    with pytest.raises(DataError, match="held-out tokens .* differ from those recorded"):
+        contract_fingerprint(Dataset(copy, "copy"))
 
 
 def test_same_data_prepared_twice_has_the_same_contract_other_data_does_not(tiny_dataset, corpus_dir, tmp_path):
@@ -202,7 +334,7 @@ def test_same_data_prepared_twice_has_the_same_contract_other_data_does_not(tiny
     from mlx_ar.data.sources import local_source
 
     prepare_dataset(local_source(corpus_dir), tmp_path / "again", TINY_PROFILE, log=lambda m: None)
-    assert Dataset(tmp_path / "again").contract == tiny_dataset.contract
+    assert contract_fingerprint(Dataset(tmp_path / "again")) == contract_fingerprint(tiny_dataset)
 
     other = tmp_path / "other"
     other.mkdir()
@@ -210,7 +342,7 @@ def test_same_data_prepared_twice_has_the_same_contract_other_data_does_not(tiny
     for i in range(3):
         write_parquet(other / f"p{i}.parquet", docs[i::3])
     prepare_dataset(local_source(other), tmp_path / "o", TINY_PROFILE, log=lambda m: None)
-    _, parts = Dataset(tmp_path / "o").contract
-    _, base = tiny_dataset.contract
+    _, parts = contract_fingerprint(Dataset(tmp_path / "o"))
+    _, base = contract_fingerprint(tiny_dataset)
     assert parts["tokenizer"] != base["tokenizer"] and parts["validation"] != base["validation"]
-    assert parts["eval_code"] == base["eval_code"] and parts["profile"] == base["profile"]
+    assert parts["heldout"] != base["heldout"] and parts["profile"] == base["profile"]

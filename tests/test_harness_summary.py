@@ -13,7 +13,7 @@ from mlx_ar.harness.summary import (
 VALUES = {
     "val_bpb": 1.2345671, "training_seconds": 300.14, "total_seconds": 325.94, "peak_vram_mb": 10500.23,
     "mfu_percent": 12.3449, "total_tokens_M": 168.61, "num_steps": 2573, "num_params_M": 11.5,
-    "depth": 4, "tok_per_sec": 561234.4, "startup_seconds": 12.29, "backend": "mlx",
+    "depth": 4, "heldout_bpb": 1.2501234, "tok_per_sec": 561234.4, "startup_seconds": 12.29, "backend": "mlx",
     "device": "Apple M4 Max (40-core GPU)", "profile": "real", "budget": "300 s", "seed": 42,
     "contract": "3f2a9c0d1e4b5a67", "record": "run.json",
 }
@@ -28,6 +28,7 @@ total_tokens_M:   168.6
 num_steps:        2573
 num_params_M:     11.5
 depth:            4
+heldout_bpb:      1.250123
 tok_per_sec:      561234
 startup_seconds:  12.3
 backend:          mlx

@@ -681,13 +681,28 @@ class CudaBackend:
             return host.item()
         return handle.item()
 
-    def eval_loss(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """Per-token losses (B, T) as float32 numpy, computed eagerly (nothing new to compile)."""
+    def _eval_logits(self, inputs: np.ndarray):
+        """train_torch.py's float32 logits (b, T, V) on the device, computed eagerly (nothing new to compile)."""
+        x = self._to_device(np.asarray(inputs)[None])[0].long()
+        with self.torch.compiler.set_stance("force_eager"):
+            return self.model.logits(x).float()
+
+    def eval_logits(self, inputs: np.ndarray) -> np.ndarray:
+        """The model's float32 logits (b, T, V) for the leak probe."""
+        with self.torch.inference_mode():
+            return self._eval_logits(inputs).cpu().numpy()
+
+    def eval_nats(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Per-token nats (b, T), float32: log-sum-exp minus the target logit of model.logits.
+
+        Evaluation reads only the model's predictions; this cross-entropy is fixed code.
+        """
         torch = self.torch
-        x, y = self._to_device(np.asarray(inputs)[None]), self._to_device(np.asarray(targets)[None])
-        with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-            out = self.model.token_losses(x[0].long(), y[0].long())
-        return out.float().cpu().numpy()
+        with torch.inference_mode():
+            z = self._eval_logits(inputs)
+            y = self._to_device(np.asarray(targets)[None])[0].long()
+            out = torch.logsumexp(z, dim=-1) - z.gather(-1, y[..., None])[..., 0]
+        return out.cpu().numpy()
 
     def sync(self) -> None:
         if self.on_gpu:

@@ -4,13 +4,14 @@
     ds.profile, ds.vocab_size, ds.bos_id, ds.token_bytes, ds.tokenizer
     for inputs, targets, epoch in ds.train_batches(B, T, seed=0): ...
     for inputs, targets in ds.val_batches(B, T): ...   # the fixed validation walk
-    fingerprint, parts = ds.contract
+    for inputs, targets in ds.heldout_batches(B, T): ...   # the held-out walk, if ds.heldout_missing is None
 
 A dataset directory is complete only once `manifest.json` exists (prepare writes it last), and
 opening checks that the manifest, the tokenizer and the token shards agree; any mismatch is a
-DataError that says which file and which command fixes it.
+DataError that says which file and which command fixes it. The held-out split is optional:
+datasets prepared before it existed open without it, and `heldout_missing` says why and how to
+get one. (The contract fingerprint of a dataset is mlx_ar.evaluate.contract_fingerprint(ds).)
 """
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
 TOKENIZER_DIR = "tokenizer"
 TOKENS_DIR = "tokens"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val")                # required
+HELDOUT = "heldout"                      # optional: scored at the end of a run, never for decisions
 
 NO_DATA_HINT = ("run `python prepare.py` (downloads climbmix) or `python prepare.py --source demo` "
                 "(offline, small)")
@@ -55,7 +57,7 @@ def rebuild_command(m: dict, name: str) -> str:
 
 def profile_from_manifest(m: dict, where: Path, fix: str = "re-run prepare with --force") -> Profile:
     """The manifest's profile; for a named contract profile, today's constants (checked to match)."""
-    from ..evaluate import measured
+    from .walk import measured
 
     try:
         profile = Profile(**m["profile"])
@@ -98,14 +100,27 @@ class Dataset:
         self._tables: dict = {}
 
     @property
+    def heldout_missing(self) -> str | None:
+        """None if the dataset has a held-out split; else why not, and the command that makes one."""
+        info = self.manifest.get("heldout_walk")
+        if info is None:
+            return (f"dataset '{self.name}' was prepared without a held-out split; "
+                    f"rebuild it with {rebuild_command(self.manifest, self.name)} to score one")
+        if info.get("missing"):
+            return f"dataset '{self.name}' has no held-out split: {info['missing']}"
+        return None
+
+    @property
     def token_bytes(self) -> np.ndarray:
         """int32 (vocab_size,): UTF-8 bytes of each token, 0 for special tokens."""
         return self.tokenizer.token_bytes
 
     def split_table(self, split: str):
-        """The DocTable of `split` ('train' or 'val'), memory-mapped and checked against the manifest."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        """The DocTable of `split` ('train', 'val' or 'heldout'), memory-mapped and checked against the manifest."""
+        if split not in SPLITS + (HELDOUT,):
+            raise ValueError(f"split must be one of {SPLITS + (HELDOUT,)}, got {split!r}")
+        if split == HELDOUT and self.heldout_missing:
+            raise DataError(self.heldout_missing)
         if split not in self._tables:
             from .loader import DocTable
             from .shards import load_shard
@@ -131,12 +146,11 @@ class Dataset:
 
         return val_batches(self.split_table("val"), batch_size, seq_len, max_rows=max_rows)
 
-    @cached_property
-    def contract(self) -> tuple[str, dict]:
-        """(fingerprint_hex, parts): what evaluate_bpb measures against; see mlx_ar.evaluate."""
-        from ..evaluate import contract_fingerprint
+    def heldout_batches(self, batch_size: int, seq_len: int, max_rows: int | None = None):
+        """The held-out walk (the same deterministic packing as validation); DataError if there is none."""
+        from .loader import val_batches
 
-        return contract_fingerprint(self)
+        return val_batches(self.split_table(HELDOUT), batch_size, seq_len, max_rows=max_rows)
 
     def __repr__(self) -> str:
         return f"Dataset({self.name!r}, profile={self.profile.name}, vocab={self.vocab_size}, dir={str(self.dir)!r})"

@@ -193,14 +193,6 @@ def val_batches(table: DocTable, batch_size: int, seq_len: int, max_rows: int | 
         left -= got
 
 
-def validation_walk_source() -> str:
-    """The source code that decides which validation tokens are scored (hashed into the contract)."""
-    import inspect
-
-    parts = [inspect.getsource(f) for f in (_emit, val_doc_stream, BestFitPacker, _split_rows, val_batches)]
-    return "\n".join(parts) + f"\nBUFFER_DOCS = {BUFFER_DOCS}\nSTREAM_CHUNK = {STREAM_CHUNK}\n"
-
-
 # --- prefetch ---------------------------------------------------------------------------------
 class _Failure:
     def __init__(self, exc: BaseException):

@@ -9,8 +9,9 @@ In code (tests pass a small profile and any Source):
     manifest = prepare_dataset(source, out_dir, profile, name="x")
 
 Steps: train the BPE on the training split (character caps from constants), check that it
-round-trips, tokenize both splits with a thread pool, check that the validation walk covers the
-profile's eval_tokens, then swap the new tokenizer/ and tokens/ into place and write
+round-trips, tokenize both splits with a thread pool, move the last validation documents into
+the held-out split (scored at the end of every run, never for decisions), check that the
+validation walk covers the profile's eval_tokens, then swap the new tokenizer/ and tokens/ into place and write
 manifest.json last. Everything is built under `staging/` first, so an interrupted prepare never
 leaves a dataset that looks complete; re-running resumes downloads and rebuilds the rest.
 """
@@ -121,13 +122,13 @@ def _tokenize_split(tok, split: str, files, tokens_dir: Path, pool, threads: int
 
 def _check_validation_walk(tok, source, tokens_dir: Path, profile, val_info: dict) -> str:
     """sha256 of the walk evaluate_bpb will score; DataError if the split cannot fill it."""
-    from ..evaluate import eval_rows, validation_walk_digest
     from .loader import DocTable
     from .shards import load_shard
+    from .walk import eval_rows, walk_digest
 
     n_rows = eval_rows(profile)
-    table = DocTable([load_shard(tokens_dir, "val", i, tok.bos_id) for i in range(len(source.val))])
-    found, digest = validation_walk_digest(table, profile.max_seq_len, n_rows)
+    table = DocTable([load_shard(tokens_dir, "val", i, tok.bos_id) for i in range(len(val_info["files"]))])
+    found, digest = walk_digest(table, profile.max_seq_len, n_rows)
     if found < n_rows:
         hint = ("pin more validation data with --val-file (repeatable)" if source.kind == "local"
                 else "the validation source is too small for this profile")
@@ -136,6 +137,78 @@ def _check_validation_walk(tok, source, tokens_dir: Path, profile, val_info: dic
                         f"{profile.max_seq_len + 1} tokens, but evaluation needs {n_rows} rows "
                         f"({profile.eval_tokens:,} target tokens); {hint}")
     return digest
+
+
+def _carve_heldout(tok, tokens_dir: Path, profile, val: dict, log):
+    """Move the last validation documents into the held-out split: the fewest that fill its walk.
+
+    Returns (val info, held-out info or None, the manifest's heldout_walk). When the validation
+    documents cannot fill both walks nothing moves, and heldout_walk says what is missing.
+    """
+    import numpy as np
+
+    from .loader import DocTable
+    from .shards import TokenShard, load_shard, save_npy, shard_files
+    from .walk import eval_rows, heldout_rows, walk_digest
+
+    n_rows, seq_len = heldout_rows(profile), profile.max_seq_len
+    shards = [load_shard(tokens_dir, "val", i, tok.bos_id) for i in range(len(val["files"]))]
+    lengths = np.concatenate([np.diff(sh.offsets) for sh in shards])
+    from_end = np.cumsum(lengths[::-1])
+    firsts = np.cumsum([0] + [sh.num_docs for sh in shards])
+
+    def split_at(cut):
+        """(kept validation shards, the held-out shard) when documents cut.. are held out."""
+        kept, tails = [], []
+        for sh, first in zip(shards, firsts):
+            k = min(max(cut - first, 0), sh.num_docs)
+            if k:
+                kept.append(TokenShard(sh.tokens[:sh.offsets[k]], sh.offsets[:k + 1]))
+            tails.append((sh.tokens[sh.offsets[k]:], sh.offsets[k:] - sh.offsets[k]))
+        tokens = np.concatenate([np.asarray(t) for t, _ in tails]).astype(np.uint16)
+        offsets = np.concatenate(([0], np.cumsum(np.concatenate([np.diff(o) for _, o in tails])))).astype(np.int64)
+        return kept, TokenShard(tokens, offsets)
+
+    want = 1.1 * n_rows * (seq_len + 1)       # a little over the walk's tokens: cropping wastes some
+    cut, found = len(lengths), 0
+    while found < n_rows and want <= from_end[-1]:
+        cut = len(lengths) - int(np.searchsorted(from_end, want)) - 1
+        kept, heldout_shard = split_at(cut)
+        found, heldout_digest = walk_digest(DocTable([heldout_shard]), seq_len, n_rows)
+        want *= 1.25
+    val_found = walk_digest(DocTable(kept), seq_len, eval_rows(profile))[0] if found >= n_rows and kept else 0
+    if found < n_rows or val_found < eval_rows(profile):
+        missing = (f"the validation split ({len(lengths):,} documents, {int(from_end[-1]):,} tokens) cannot fill "
+                   f"both the validation walk ({eval_rows(profile)} rows) and the held-out walk ({n_rows} rows of "
+                   f"{seq_len + 1} tokens); pin more validation data and re-run prepare with --force")
+        log(f"no held-out split: {missing}")
+        return val, None, {"missing": missing}
+    nbytes = lambda t: int(tok.token_bytes[np.asarray(t)].sum())
+    kept = [TokenShard(np.array(sh.tokens), np.array(sh.offsets)) for sh in kept]   # off the files rewritten below
+    files = []
+    for i in range(len(shards)):
+        tok_path, docs_path = shard_files(tokens_dir, "val", i)
+        if i >= len(kept):                    # wholly held out (only ever the last files)
+            tok_path.unlink()
+            docs_path.unlink()
+            continue
+        save_npy(tok_path, kept[i].tokens)
+        save_npy(docs_path, kept[i].offsets)
+        files.append({**val["files"][i], "tokens": int(kept[i].tokens.size), "docs": kept[i].num_docs,
+                      "bytes": nbytes(kept[i].tokens)})
+    del shards
+    tok_path, docs_path = shard_files(tokens_dir, "heldout", 0)
+    save_npy(tok_path, heldout_shard.tokens)
+    save_npy(docs_path, heldout_shard.offsets)
+    val = {**val, "files": files, "tokens": sum(f["tokens"] for f in files), "docs": sum(f["docs"] for f in files),
+           "bytes": sum(f["bytes"] for f in files)}
+    ho_tokens = heldout_shard.tokens
+    heldout = {"files": [{"source": "the last validation documents", "tokens": int(ho_tokens.size),
+                          "docs": heldout_shard.num_docs, "bytes": nbytes(ho_tokens)}],
+               "tokens": int(ho_tokens.size), "docs": heldout_shard.num_docs, "bytes": nbytes(ho_tokens)}
+    log(f"held-out split: {heldout['tokens']:,} tokens in {heldout['docs']:,} documents cut from the end of "
+        f"validation ({n_rows} rows scored after every run, never for decisions)")
+    return val, heldout, {"rows": n_rows, "seq_len": seq_len, "sha256": heldout_digest}
 
 
 def _versions() -> dict:
@@ -159,7 +232,7 @@ def _atomic_json(path: Path, data: dict) -> None:
 
 def _same_profile(manifest: dict, profile) -> bool:
     from ..constants import Profile
-    from ..evaluate import measured
+    from .walk import measured
 
     try:
         return measured(Profile(**manifest.get("profile", {}))) == measured(profile)
@@ -177,8 +250,8 @@ def prepare_dataset(source, out_dir, profile, *, name: str | None = None, force:
     from concurrent.futures import ThreadPoolExecutor
     from datetime import datetime, timezone
 
-    from ..evaluate import eval_rows
     from .dataset import MANIFEST, MANIFEST_SCHEMA, TOKENIZER_DIR, TOKENS_DIR, read_manifest
+    from .walk import eval_rows
     from .progress import Progress, human
 
     out = Path(out_dir)
@@ -207,6 +280,7 @@ def prepare_dataset(source, out_dir, profile, *, name: str | None = None, force:
         with ThreadPoolExecutor(threads) as pool:
             # Validation first: a split too small for the eval walk fails before the long part.
             val = _tokenize_split(tok, "val", source.val, tokens_dir, pool, threads, bar, totals, log)
+            val, heldout, heldout_walk = _carve_heldout(tok, tokens_dir, profile, val, log)
             digest = _check_validation_walk(tok, source, tokens_dir, profile, val)
             train = _tokenize_split(tok, "train", source.train, tokens_dir, pool, threads, bar, totals, log)
         bar.close()
@@ -221,7 +295,7 @@ def prepare_dataset(source, out_dir, profile, *, name: str | None = None, force:
     }
     log(f"tokenized {totals['bytes'] / 1e6:,.1f} MB into {totals['tokens']:,} tokens in {seconds:.1f}s: "
         f"{human(throughput['tokens_per_sec'])} tokens/s, {throughput['mb_per_sec']:.1f} MB/s ({threads} threads)")
-    splits = {"train": train, "val": val}
+    splits = {"train": train, "val": val, **({"heldout": heldout} if heldout else {})}
 
     manifest = {
         "schema": MANIFEST_SCHEMA, "name": name, "source": source.config, "profile": asdict(profile),
@@ -229,6 +303,7 @@ def prepare_dataset(source, out_dir, profile, *, name: str | None = None, force:
         "tokenizer": {"hash": tok.hash, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "trained_on": tok_stats},
         "splits": splits,
         "validation_walk": {"rows": n_rows, "seq_len": profile.max_seq_len, "sha256": digest},
+        "heldout_walk": heldout_walk,
         "throughput": throughput, "versions": _versions(),
     }
     # Swap in: with the manifest gone, a crash in between reads as "not prepared", never as stale data.
@@ -310,4 +385,9 @@ def prepare_command(ctx, directory, source, dir_opt, val_files, num_shards, base
     click.echo(f"dataset '{name}' ready in {out} (profile {profile.name}, vocab {manifest['tokenizer']['vocab_size']})")
     click.echo(f"  train: {tr['tokens']:,} tokens in {tr['docs']:,} documents")
     click.echo(f"  val:   {va['tokens']:,} tokens in {va['docs']:,} documents")
+    ho = manifest["splits"].get("heldout")
+    if ho:
+        click.echo(f"  held-out: {ho['tokens']:,} tokens in {ho['docs']:,} documents (scored after every run, never for decisions)")
+    else:
+        click.echo(f"  held-out: none ({(manifest.get('heldout_walk') or {}).get('missing', 'prepared before held-out splits')})")
     click.echo(f"current dataset is now '{name}'. Next: python train.py")

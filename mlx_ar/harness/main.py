@@ -160,7 +160,7 @@ def run(train_file, argv=None) -> int:
 def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     from ..backends import get_backend
     from ..data import open_dataset
-    from ..evaluate import evaluate_bpb
+    from ..evaluate import check_causal, contract_fingerprint, evaluate_bpb
     from .clock import BudgetClock
     from .hardware import mfu_percent
     from .loop import train_loop
@@ -181,7 +181,7 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
         print(f"{profile.name} profile: recipe overrides {overrides}", flush=True)
         fields["recipe_overrides"] = overrides
     schedule = Schedule.from_recipe(recipe)
-    contract, contract_parts = ds.contract
+    contract, contract_parts = contract_fingerprint(ds)
     fields.update(dataset=ds.name, profile=profile.name, time_budget=budget, contract=contract,
                   contract_parts=contract_parts)
 
@@ -225,15 +225,28 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
                    startup_seconds=round(startup + result.warmup_seconds, 1))
 
     print(f"evaluating {profile.eval_tokens:,} validation tokens ...", flush=True)
-    val_bpb = evaluate_bpb(backend.eval_loss, ds)
+    check_causal(backend.eval_logits, ds)          # LeakDetected ("leak: ...") ends the run unscored
+    val_bpb = evaluate_bpb(backend.eval_nats, ds)
     if not math.isfinite(val_bpb):
         raise FastFail(f"non-finite val_bpb ({val_bpb})")
+    metrics["heldout_bpb"] = _heldout_bpb(backend, ds, evaluate_bpb)
     backend.sync()
     metrics.update(val_bpb=round(val_bpb, 6), peak_vram_mb=round(backend.peak_memory_mb(), 1),
                    total_seconds=round(time.perf_counter() - t0, 1))
     return {**metrics, "backend": backend.name, "device": fields["device"], "profile": profile.name,
             "budget": budget_text, "seed": seed, "contract": contract, "record": str(args.record),
             **({"overrides": overrides_text(overrides)} if overrides else {})}
+
+
+def _heldout_bpb(backend, ds, evaluate_bpb):
+    """The held-out split's bpb (rounded), or None, said once, for a dataset prepared without one."""
+    if ds.heldout_missing:
+        print(f"no held-out score: {ds.heldout_missing}", flush=True)
+        return None
+    t = time.perf_counter()
+    bpb = evaluate_bpb(backend.eval_nats, ds, split="heldout")
+    print(f"held-out bpb {bpb:.6f} in {time.perf_counter() - t:.1f} s (reported, never used to keep a change)", flush=True)
+    return round(bpb, 6) if math.isfinite(bpb) else None
 
 
 def _round(x, n):

@@ -28,13 +28,15 @@ def kernel_line(versions: dict) -> str:
 
 
 # --- summary block ---------------------------------------------------------------------------
+# Upstream's lines first (val_bpb .. depth), ours after them. heldout_bpb: the held-out split's
+# score, never used for keep decisions (unknown for a dataset prepared without one).
 SUMMARY_KEYS = (
     "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-    "total_tokens_M", "num_steps", "num_params_M", "depth", "tok_per_sec", "startup_seconds",
+    "total_tokens_M", "num_steps", "num_params_M", "depth", "heldout_bpb", "tok_per_sec", "startup_seconds",
     "backend", "device", "profile", "budget", "seed", "contract", "record",
 )
 # The numeric keys, which are also the record's "metrics" (seed is recorded at top level).
-METRIC_KEYS = SUMMARY_KEYS[:11]
+METRIC_KEYS = SUMMARY_KEYS[:12]
 KEY_WIDTH = 18  # "key:" padded to this many characters, as upstream prints it
 # Printed after SUMMARY_KEYS only when given: a reduced profile's recipe overrides (demo), so a
 # run never silently replaces what train.py says; the real contract's block stays upstream's.
@@ -42,7 +44,7 @@ OPTIONAL_KEYS = ("overrides",)
 UNKNOWN = "unknown"
 
 _DECIMALS = {
-    "val_bpb": 6, "mfu_percent": 2,
+    "val_bpb": 6, "heldout_bpb": 6, "mfu_percent": 2,
     "training_seconds": 1, "total_seconds": 1, "peak_vram_mb": 1, "total_tokens_M": 1,
     "num_params_M": 1, "startup_seconds": 1,
 }
