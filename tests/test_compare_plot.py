@@ -1,4 +1,5 @@
 """`mlx-ar plot`: progress.png and .svg from every branch's ledger."""
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,8 +87,16 @@ def test_cli_plot_default_path(standard, tmp_path, monkeypatch):
     runner = CliRunner()
     result = runner.invoke(plot_command, ["--repo", str(standard.root)])
     assert result.exit_code == 0, result.output
-    assert "wrote progress.png, progress.svg" in result.output
-    assert (tmp_path / "progress.png").stat().st_size > 0 and (tmp_path / "progress.svg").stat().st_size > 0
+    # Under the repository's runs/, never where a run would see it as a stray file.
+    png, svg = standard.root / "runs/plots/progress.png", standard.root / "runs/plots/progress.svg"
+    assert f"wrote {png}, {svg}" in result.output
+    assert png.stat().st_size > 0 and svg.stat().st_size > 0 and not (tmp_path / "progress.png").exists()
+    status = lambda: subprocess.run(["git", "status", "--porcelain"], cwd=standard.root,  # noqa: E731
+                                    capture_output=True, text=True, check=True).stdout
+    assert status() == ""
+    # A path the user names inside the repository is kept out of `git status` too.
+    result = runner.invoke(plot_command, ["--repo", str(standard.root), "--out", str(standard.root / "mine.png")])
+    assert result.exit_code == 0 and (standard.root / "mine.svg").exists() and status() == ""
     result = runner.invoke(plot_command, ["--repo", str(standard.root), "--out", "x.jpg"])
     assert result.exit_code == 2 and "must end in .png" in result.output
     result = runner.invoke(plot_command, ["--repo", str(standard.root), "--no-svg", "--out", "two.png",

@@ -104,7 +104,7 @@ def test_crash_only_and_empty_branches_not_ranked(standard):
     mini = _branch(report, "autoresearch/mar5-mini")
     assert (mini["experiments"], mini["crashes"], mini["best_bpb"]) == (2, 2, None)
     empty = _branch(report, "autoresearch/mar5-empty")
-    assert (empty["runs"], empty["machine"], empty["contract"]) == (0, None, None)
+    assert (empty["runs"], empty["machine"], empty["contract"]) == (0, "empty", None)  # from the branch name
 
 
 def test_recipe_diff_and_universal_vs_specific(standard):

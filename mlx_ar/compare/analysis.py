@@ -18,6 +18,7 @@ Scoring rules (shared by the table, the plot and transplant):
 from dataclasses import asdict, dataclass, field
 
 from ..recipe import ABSENT as _ABSENT, recipe_diff, same_value as _same
+from ..ledger.format import machine_name
 
 
 def _is_number(v) -> bool:
@@ -81,6 +82,18 @@ def _latest(attempts, get):
     return None
 
 
+def _machine(ledger, real) -> str | None:
+    """The machine name the branch was given (autoresearch/<tag>-<machine>), not a hostname.
+
+    A receipt's machine wins when the branch name contains it as a word (`mar5-mini-demo`
+    ran on `mini`); older receipts hold the computer's hostname, which the name then replaces.
+    """
+    recorded = _latest(real, lambda a: a.machine) or _latest(ledger.attempts, lambda a: a.machine)
+    if recorded and recorded in ledger.name.split("/")[-1].split("-")[1:]:
+        return recorded
+    return machine_name(ledger.name) or recorded
+
+
 def summarize(ledger, recipe_at=lambda commit: None) -> BranchSummary:
     """Reduce a BranchLedger to its table row. `recipe_at(commit)` reads train.py at a commit."""
     real = [a for a in ledger.attempts if not a.smoke]
@@ -125,7 +138,7 @@ def summarize(ledger, recipe_at=lambda commit: None) -> BranchSummary:
         name=ledger.name,
         short=ledger.short,
         tip=ledger.tip,
-        machine=_latest(real, lambda a: a.machine) or _latest(ledger.attempts, lambda a: a.machine),
+        machine=_machine(ledger, real),
         device=_latest(real, lambda a: a.device) or _latest(ledger.attempts, lambda a: a.device),
         backend=_latest(real, lambda a: a.backend) or _latest(ledger.attempts, lambda a: a.backend),
         contract=contract,

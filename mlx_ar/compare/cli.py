@@ -3,7 +3,8 @@
     mlx-ar compare                         # all autoresearch/* branches, local and remote-tracking
     mlx-ar compare --fetch --json          # fetch every remote first; machine-readable output
     mlx-ar transplant --from mar5-h100 --keys MATRIX_LR,DEPTH
-    mlx-ar plot --out progress.png         # also writes progress.svg
+    mlx-ar plot                            # runs/plots/progress.png and .svg (gitignored)
+    mlx-ar plot --out ~/progress.png       # anywhere; inside the repository it is git-excluded
 
 git and matplotlib are imported only when a command runs, so `mlx-ar --help` stays fast.
 """
@@ -107,20 +108,32 @@ def transplant_command(source, keys, no_commit, repo_path):
 
 @click.command("plot")
 @click.argument("branches", nargs=-1)
-@click.option("--out", default=DEFAULT_PLOT_PATH, show_default=True, type=click.Path(dir_okay=False),
-              help="PNG to write; the SVG goes beside it with the same stem.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help=f"PNG to write (default: <repo>/{DEFAULT_PLOT_PATH}); the SVG goes beside it with the same stem.")
 @click.option("--no-svg", is_flag=True, help="Write only the PNG.")
 @click.option("--fetch", is_flag=True, help="Run `git fetch` on every remote first.")
 @_repo_option
 def plot_command(branches, out, no_svg, fetch, repo_path):
-    """Plot val_bpb per experiment for each branch, and size vs score."""
+    """Plot val_bpb per experiment for each branch, and size vs score.
+
+    The files never block `mlx-ar run`: by default they go under runs/ (ignored by git and by
+    the ledger); a path given with --out inside the repository is added to .git/info/exclude.
+    """
     from .plot import plot_progress
 
-    if Path(out).suffix.lower() != ".png":
+    if out is not None and Path(out).suffix.lower() != ".png":
         raise click.BadParameter(f"{out} must end in .png (the SVG is written beside it)", param_hint="--out")
     try:
-        _repo, ledgers = _load(repo_path, branches, fetch)
+        repo, ledgers = _load(repo_path, branches, fetch)
+        root = Path(repo.working_tree_dir) if repo.working_tree_dir else Path(repo_path)
+        if out is None:
+            out = root / DEFAULT_PLOT_PATH
+            out.parent.mkdir(parents=True, exist_ok=True)
         paths = plot_progress(ledgers, out, svg=not no_svg)
+        if repo.working_tree_dir:
+            from ..ledger.git_ops import exclude_paths
+
+            exclude_paths(root, paths)
     except CompareError as e:
         raise click.ClickException(str(e)) from None
     click.echo("wrote " + ", ".join(str(p) for p in paths))

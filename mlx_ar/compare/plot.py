@@ -1,6 +1,6 @@
 """progress.png (and .svg): every branch's experiments, plus size vs score.
 
-    paths = plot_progress(ledgers, "progress.png")   # -> [progress.png, progress.svg]
+    paths = plot_progress(ledgers, "runs/plots/progress.png")   # -> [...progress.png, ...progress.svg]
 
 Left panel: val_bpb per experiment, one colour per branch; kept runs are filled dots joined by
 the kept frontier (the running best), discarded runs hollow dots (a hollow triangle on the top
@@ -19,7 +19,8 @@ from ..atomic import atomic_write
 from .analysis import group_by_contract, summarize
 from .branches import CompareError, _finite
 
-DEFAULT_PLOT_PATH = "progress.png"
+# Under the repository's runs/ (gitignored, and a folder the ledger never judges).
+DEFAULT_PLOT_PATH = "runs/plots/progress.png"
 DPI = 150
 # Axes-fraction heights of the marks along the top edge (kept clear of data by _y_limits).
 CRASH_Y, OFF_SCALE_Y = 0.955, 0.985

@@ -51,14 +51,16 @@ RECEIPT_FIELDS = (
 
 
 def machine_name(branch: str | None) -> str | None:
-    """The machine name an experiment branch was given: autoresearch/<tag>-<machine>[-w<i>]."""
+    """The machine name an experiment branch was given: autoresearch/<tag>-<machine>[-w<i>].
+
+    The tag is the first hyphen-separated part (a date, `dec4`); the rest names the machine.
+    """
     if not branch:
         return None
-    name = branch.split("/")[-1]
-    parts = name.split("-")
+    parts = branch.split("/")[-1].split("-")
     if len(parts) >= 3 and parts[-1][:1] == "w" and parts[-1][1:].isdigit():
         parts = parts[:-1]  # a worker's branch <branch>-w<i>
-    return parts[-1] if len(parts) >= 2 and parts[-1] else None
+    return "-".join(parts[1:]) or None
 
 
 def receipt_name(seq: int, commit: str) -> str:

@@ -290,3 +290,33 @@ def add_worktree(repo, path, branch: str, start: str) -> None:
 def worktree_paths(repo) -> list[Path]:
     out = _git(repo, "worktree", "list", "--porcelain")
     return [Path(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("worktree ")]
+
+
+def exclude_paths(root, paths) -> list[str]:
+    """Add files a tool wrote inside the working tree at `root` to .git/info/exclude.
+
+    Such files then never show in `git status`, so they never make `mlx-ar run` refuse; files
+    outside the tree, and paths git ignores already, are left alone. Returns the added entries.
+    """
+    root = Path(root).resolve()
+    rel = []
+    for p in paths:
+        try:
+            rel.append(Path(p).resolve().relative_to(root).as_posix())
+        except ValueError:
+            continue  # outside the working tree
+    if not rel:
+        return []
+    ignored = set(_run(["check-ignore", "--no-index", "--", *rel], root).stdout.decode().split("\n"))
+    todo = [r for r in rel if r not in ignored]
+    if not todo:
+        return []
+    exclude = Path(_run(["rev-parse", "--git-path", "info/exclude"], root).stdout.decode().strip())
+    exclude = exclude if exclude.is_absolute() else root / exclude
+    have = exclude.read_text().splitlines() if exclude.exists() else []
+    added = [f"/{r}" for r in todo if f"/{r}" not in have]
+    if added:
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        text = "\n".join(have + ["# written by mlx-ar (never part of an experiment)", *added]) + "\n"
+        atomic_write(exclude, text)
+    return added
