@@ -20,6 +20,7 @@ COMMANDS = {
     "compare": "mlx_ar.compare.cli:compare_command",
     "transplant": "mlx_ar.compare.cli:transplant_command",
     "plot": "mlx_ar.compare.cli:plot_command",
+    "doctor": "mlx_ar.doctor:doctor_command",
 }
 
 
