@@ -15,15 +15,12 @@ agent may edit besides that recipe; train.py's MLX code does not run there.
 
 The model computes what train.py's MLX GPT computes: bf16 weights and residual stream, fp32
 logits and loss, the same parameter names and init rules (tests load MLX weights into it and
-compare losses, gradients and one optimizer step). Full-context layers use SDPA's causal
-kernels; short windows run through flex_attention with block masks when the model is compiled
-on a GPU, and through SDPA with a boolean mask otherwise. Where the backend passes an attention
-kernel (FlashAttention-4 on Hopper and newer, when installed), that kernel runs every layer;
-where it passes an MLP kernel (quack's GEMMs with relu² in their epilogue), every MLP runs on it,
-and with it a residual kernel (quack's GEMM adding the residual as it stores) for both sublayers'
-output projections; where it passes a loss kernel (the soft-capped cross-entropy and its gradient
-in one Triton pass), the mean training loss goes through it; where it passes a norm-and-rotate
-kernel (Triton), attention's q/k RMS norm and RoPE run on it.
+compare losses, gradients and one optimizer step).
+
+Four steps call kernels by name (mlx_ar/backends/cuda/kernels): `kernels.attention`,
+`kernels.relu2_mlp`, `kernels.residual_linear` and `kernels.softcap_cross_entropy`. Each is a
+fused GPU kernel where it runs and plain torch elsewhere (kernels/fallback.py shows the math).
+To change what one of them computes, replace its call here with your own code.
 """
 import math
 from dataclasses import dataclass
@@ -32,15 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mlx_ar.backends.cuda import kernels
+
 DTYPE = torch.bfloat16             # weights and residual stream; logits and loss in float32
 NS_DTYPE = torch.bfloat16          # Newton-Schulz runs in bf16, as train.py's; tests use float32
 NORM_EPS = 1e-6                    # RMS-norm epsilon (train.py's mx.fast.rms_norm eps)
-FAST_ATTENTION = True              # take the backend's FlashAttention-4 kernel for every layer where it runs
-FAST_MLP = True                    # take the backend's quack GEMMs where they run: relu² MLP, residual-adding projections
-FAST_LOSS = True                   # take the backend's fused soft-capped cross-entropy (Triton) for training
-FAST_NORM_ROPE = True              # take the backend's fused q/k RMS norm + RoPE (Triton) where it runs
-# Each kernel computes the code it replaces as shipped: set its flag False in the same edit that
-# changes that code, or the run is refused (program.md lists which code each flag covers).
 
 
 # --- recipe -----------------------------------------------------------------------------------
@@ -110,13 +103,6 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
 
 
-def window_mask(seq_len: int, window: int, device=None):
-    """Boolean (T, T) mask: query i sees key j when 0 <= i - j < window."""
-    i = torch.arange(seq_len, device=device)[:, None]
-    j = torch.arange(seq_len, device=device)[None, :]
-    return (j <= i) & (i - j < window)
-
-
 def rope_tables(seq_len: int, head_dim: int, base: float, device=None):
     """cos, sin of shape (T, 1, head_dim / 2) in float32, for positions 0..T-1."""
     inv_freq = base ** (-torch.arange(0, head_dim // 2, dtype=torch.float64, device=device) / (head_dim // 2))
@@ -151,19 +137,16 @@ class Linear(nn.Module):
         else:
             w = torch.zeros((d_out, d_in), dtype=DTYPE)
         self.weight = nn.Parameter(w)
-        self.kernel = None             # the backend's residual + x @ W^T (build_model sets it)
 
     def forward(self, x, residual=None):
         """x @ W^T, or residual + x @ W^T when a residual is given."""
         if residual is None:
             return F.linear(x, self.weight)
-        if self.kernel is not None:
-            return self.kernel(x, self.weight, residual)
-        return residual + F.linear(x, self.weight)
+        return kernels.residual_linear(x, self.weight, residual)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer: int, masks):
+    def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         d, h, hd = cfg.d_model, cfg.n_head, cfg.head_dim
         self.n_head, self.head_dim, self.window = h, hd, cfg.windows[layer]
@@ -173,8 +156,6 @@ class Attention(nn.Module):
         self.c_v = Linear(d, h * hd, scale=cfg.matrix_init_scale)
         self.c_proj = Linear(h * hd, d, init="zeros")
         self.ve_gate = Linear(cfg.ve_gate_channels, h, init="zeros") if has_value_embedding(layer, cfg.n_layer) else None
-        self.masks = masks             # shared, not a submodule: holds no parameters
-        self.norm_rope = None          # the backend's fused apply_rope(rms_norm(.)) (build_model sets it)
 
     def forward(self, x, ve, cos, sin, residual):
         """residual + attention over x (the already normed stream)."""
@@ -185,11 +166,8 @@ class Attention(nn.Module):
             # Input-dependent gate in (0, 2) per head; starts at 1 because the gate weights start at 0.
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_channels]))
             v = v + gate[..., None] * ve.view(shape)
-        if self.norm_rope is not None:
-            q, k = self.norm_rope(q, cos, sin, NORM_EPS), self.norm_rope(k, cos, sin, NORM_EPS)
-        else:
-            q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
-        y = self.masks.attend(q, k, v, self.window, self.scale)
+        q, k = apply_rope(rms_norm(q), cos, sin), apply_rope(rms_norm(k), cos, sin)
+        y = kernels.attention(q, k, v, self.window, self.scale)
         return self.c_proj(y.reshape(B, T, -1), residual)
 
 
@@ -198,19 +176,16 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(cfg.d_model, cfg.mlp_hidden, scale=cfg.matrix_init_scale)
         self.c_proj = Linear(cfg.mlp_hidden, cfg.d_model, init="zeros")
-        self.kernel = None             # the backend's fused version of this forward (build_model sets it)
 
     def forward(self, x, residual):
         """residual + relu(x @ W_fc^T)² @ W_proj^T."""
-        if self.kernel is not None:
-            return self.kernel(x, self.c_fc.weight, self.c_proj.weight, residual)
-        return self.c_proj(F.relu(self.c_fc(x)).square(), residual)
+        return kernels.relu2_mlp(x, self.c_fc.weight, self.c_proj.weight, residual)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, layer: int, masks):
+    def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.attn = Attention(cfg, layer, masks)
+        self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
 
     def forward(self, x, x0, resid_lambda, x0_lambda, ve, cos, sin):
@@ -220,99 +195,20 @@ class Block(nn.Module):
         return self.mlp(rms_norm(x), residual=x)
 
 
-class Masks:
-    """Sliding-window attention for every layer, with the masks built once.
-
-    Full-context layers use SDPA's causal kernels. Short windows use flex_attention, which skips
-    the blocks a window never reaches but is fast only inside torch.compile on a GPU; everywhere
-    else (CPU, eager evaluation) SDPA takes a boolean mask. A backend may set `kernel`, a function
-    (q, k, v, window, scale) on (B, T, H, D) tensors computing the same attention (the cuda
-    backend's FlashAttention-4 ops); it then runs every layer.
-    """
-
-    def __init__(self, seq_len: int, windows):
-        self.seq_len = seq_len
-        self.windows = sorted(set(windows))
-        self.bool_masks = {}
-        self.block_masks = None
-        self.kernel = None
-
-    def to(self, device):
-        self.bool_masks = {w: window_mask(self.seq_len, w, device) for w in self.windows if w < self.seq_len}
-        return self
-
-    def enable_flex(self, device):
-        """Build flex_attention block masks (one per window) for the compiled GPU path."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def sliding(window):
-            def mask_mod(b, h, q_idx, kv_idx):
-                return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-            return mask_mod
-
-        T = self.seq_len
-        self.block_masks = {w: create_block_mask(sliding(w), None, None, T, T, device=device)
-                            for w in self.windows if w < T}
-
-    def attend(self, q, k, v, window, scale):
-        """q, k, v: (B, T, H, D) -> (B, T, H, D)."""
-        if self.kernel is not None:
-            return self.kernel(q, k, v, window, scale)
-        return self._attend_bhtd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, scale).transpose(1, 2)
-
-    def _attend_bhtd(self, q, k, v, window, scale):
-        T = q.size(-2)
-        if window >= T:  # plain causal: SDPA's fused kernels (flash / cuDNN) beat flex_attention here
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        if self.block_masks is not None and T == self.seq_len and torch.compiler.is_compiling():
-            from torch.nn.attention.flex_attention import flex_attention
-
-            return flex_attention(q, k, v, block_mask=self.block_masks[window], scale=scale)
-        mask = self.bool_masks[window] if T == self.seq_len else window_mask(T, window, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy (nats, float32) of soft-capped logits, from the raw bf16 logits z (..., V).
-
-    Only z and one log-partition per token are kept for the backward, which is then one pass
-    over z (read bf16, write bf16). Compiled on an H100 for 262,144 x 8,192 logits, this backward
-    took 3.0 ms where autograd's took 4.0 ms; the forwards took the same time.
-    """
-
-    @staticmethod
-    def forward(ctx, z, targets, cap):
-        zc = cap * torch.tanh(z.float() / cap)
-        lse = torch.logsumexp(zc, dim=-1)
-        ctx.save_for_backward(z, targets, lse)
-        ctx.cap = cap
-        return lse - zc.gather(-1, targets[..., None]).squeeze(-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        z, targets, lse = ctx.saved_tensors
-        th = torch.tanh(z.float() / ctx.cap)
-        onehot = torch.arange(z.size(-1), device=z.device) == targets[..., None]
-        dz = grad[..., None] * (torch.exp(ctx.cap * th - lse[..., None]) - onehot.float()) * (1 - th * th)
-        return dz.to(z.dtype), None, None
-
-
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
         kv = cfg.n_head * cfg.head_dim
-        self.masks = Masks(cfg.seq_len, cfg.windows)
         self.wte = nn.Parameter(_normal((cfg.vocab_size, cfg.d_model), cfg.embed_init_std))
         # Keyed by layer index so each parameter's name says which layer it feeds (as in train.py).
         self.value_embeds = nn.ParameterDict({
             f"layer{i}": nn.Parameter(_uniform((cfg.vocab_size, kv), math.sqrt(3.0 / cfg.d_model)))
             for i in range(cfg.n_layer) if has_value_embedding(i, cfg.n_layer)})
-        self.blocks = nn.ModuleList([Block(cfg, i, self.masks) for i in range(cfg.n_layer)])
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.resid_lambdas = nn.Parameter(torch.full((cfg.n_layer,), cfg.resid_lambda_init, dtype=DTYPE))
         self.x0_lambdas = nn.Parameter(torch.full((cfg.n_layer,), cfg.x0_lambda_init, dtype=DTYPE))
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, init="normal", std=cfg.lm_head_init_std)
-        self.loss_kernel = None        # the backend's fused head_loss for training (build_model sets it)
         cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -332,11 +228,11 @@ class GPT(nn.Module):
         """Soft-capped float32 logits of `h` -> cross-entropy in nats (mean, or (B, T) for "none")."""
         if reduction not in ("mean", "none"):
             raise ValueError(f'reduction must be "mean" or "none", got {reduction!r}')
-        if reduction == "mean" and self.loss_kernel is not None and torch.is_grad_enabled():
-            # It writes the logits' gradient as it computes the loss: worth it only when training.
-            return self.loss_kernel(h, self.lm_head.weight, targets, self.cfg.softcap)
-        loss = SoftcapCrossEntropy.apply(self.lm_head(h), targets, self.cfg.softcap)
-        return loss.mean() if reduction == "mean" else loss
+        if reduction == "mean":
+            return kernels.softcap_cross_entropy(h, self.lm_head.weight, targets, self.cfg.softcap)
+        cap = self.cfg.softcap
+        logits = cap * torch.tanh(self.lm_head(h).float() / cap)
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
 
     def forward(self, idx, targets, reduction="mean"):
         return self.head_loss(self.hidden(idx), targets, reduction)
@@ -351,34 +247,10 @@ class GPT(nn.Module):
         return cap * torch.tanh(self.lm_head(self.hidden(idx)).float() / cap)
 
 
-def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu", flex=False, attention=None,
-                mlp=None, loss=None, norm_rope=None, residual=None) -> GPT:
-    """A GPT for `recipe`, initialised on `device` from torch's global RNG (seed it first).
-
-    flex=True builds flex_attention block masks; the backend asks for them only when it compiles
-    the model on a GPU, the one place where flex_attention is fast. attention: an attention
-    kernel for every layer instead (see Masks), taken when FAST_ATTENTION is True; the backend
-    passes FlashAttention-4 where it runs. mlp: a function (x, w_fc, w_proj, residual) computing
-    MLP's forward, and residual: a function (x, w, residual) computing Linear's forward with a
-    residual, both taken when FAST_MLP is True; the backend passes quack's GEMMs where they run.
-    loss: a function (h, w_head, targets, softcap) computing head_loss's mean loss for training,
-    taken when FAST_LOSS is True; the backend passes its Triton cross-entropy where Triton runs.
-    norm_rope: a function (x, cos, sin, eps) computing apply_rope(rms_norm(x), cos, sin) for q and
-    k, taken when FAST_NORM_ROPE is True; the backend passes its Triton kernels where Triton runs.
-    """
+def build_model(recipe: dict, vocab_size: int, seq_len: int, device="cpu") -> GPT:
+    """A GPT for `recipe`, initialised on `device` from torch's global RNG (seed it first)."""
     with torch.device(device):     # weights are drawn where they live: no host-side init and copy
-        model = GPT(GPTConfig.from_recipe(recipe, vocab_size, seq_len))
-    model.masks.to(device)
-    model.masks.kernel = attention if FAST_ATTENTION else None
-    for block in model.blocks:
-        block.mlp.kernel = mlp if FAST_MLP else None
-        block.attn.norm_rope = norm_rope if FAST_NORM_ROPE else None
-        for linear in (block.attn.c_proj, block.mlp.c_proj):
-            linear.kernel = residual if FAST_MLP else None
-    model.loss_kernel = loss if FAST_LOSS else None
-    if flex and model.masks.kernel is None:
-        model.masks.enable_flex(device)
-    return model
+        return GPT(GPTConfig.from_recipe(recipe, vocab_size, seq_len))
 
 
 def flops_per_token(cfg: GPTConfig) -> float:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import click
 
 from . import constants
+from .backends import BACKENDS
 
 
 @contextmanager
@@ -33,7 +34,7 @@ def bench_command():
 
 
 @bench_command.command("train")
-@click.option("--backend", type=click.Choice(["mlx", "cuda"]), default="mlx", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="mlx", show_default=True)
 @click.option("--train-file", type=click.Path(dir_okay=False), default="train.py", show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE", help="override a recipe constant (repeatable)")
 @click.option("--profile", type=click.Choice(sorted(constants.PROFILES)), default="real", show_default=True)
@@ -43,7 +44,7 @@ def bench_command():
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of text")
 def bench_train(backend, train_file, overrides, profile, steps, warmup, data, as_json):
     """Time training steps of the current recipe (random tokens unless --data)."""
-    from .harness.trainfile import parse_overrides
+    from .recipe import parse_overrides
 
     with _user_errors():
         dataset = None
@@ -59,16 +60,21 @@ def bench_train(backend, train_file, overrides, profile, steps, warmup, data, as
 
 
 def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup, echo=print, seed=0, dataset=None):
-    import time
+    """Time `steps` training steps after `warmup` untimed ones, through the harness's own loop and
+    clock (steps queued as in training, schedules applied), then the optimizer alone."""
+    import itertools
+    from pathlib import Path
 
     import numpy as np
 
     from .backends import get_backend
+    from .harness.clock import BudgetClock
     from .harness.hardware import mfu_percent
-    from .harness.main import batch_geometry, micro_batches
+    from .harness.loop import train_loop
+    from .harness.main import micro_batches
+    from .harness.schedules import Schedule
     from .harness.summary import kernel_line
-    from .recipe import apply_recipe, parse_recipe
-    from pathlib import Path
+    from .recipe import apply_recipe, batch_geometry, parse_recipe
 
     # A reduced profile shrinks the recipe as it does for training; explicit --set wins.
     overrides = {**dict(profile.recipe_overrides), **(overrides or {})}
@@ -80,30 +86,20 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
     rows, n_micro, device_rows = batch_geometry(recipe, T)
     backend.build(recipe, V, T, seed)
     if dataset is not None:
-        stream = micro_batches(dataset.train_batches(rows, T, seed=seed), n_micro, device_rows)
-        next_batch = lambda i: next(stream)[:2]  # noqa: E731
+        batches = micro_batches(dataset.train_batches(rows, T, seed=seed), n_micro, device_rows)
     else:
         rng = np.random.default_rng(seed)
         random = [rng.integers(0, V, (2, n_micro, device_rows, T), dtype=np.uint16) for _ in range(2)]
-        next_batch = lambda i: random[i % 2]  # noqa: E731
-    backend.set_hyper(1.0, recipe.get("MUON_MOMENTUM", 0.95), 0.0)
+        batches = ((*random[i % 2], 0) for i in itertools.count())
     if echo:
         echo(f"bench: {backend.name} on {backend.device_name()} | {backend.num_params / 1e6:.2f}M params | "
              f"{rows * T:,} tokens/step ({n_micro} x {device_rows} x {T}) | vocab {V}")
-    t_compile = time.perf_counter()
-    for i in range(warmup):
-        backend.loss_value(backend.step(*next_batch(i)))
-    compile_s = time.perf_counter() - t_compile
-    # Timed as the training loop runs: the next step is queued before the previous loss is read.
     times = []
-    t0 = time.perf_counter()
-    handle = backend.step(*next_batch(0))
-    for i in range(1, steps + 1):
-        queued = backend.step(*next_batch(i)) if i < steps else None
-        backend.loss_value(handle)
-        now = time.perf_counter()
-        times.append(now - t0)
-        t0, handle = now, queued
+    clock = BudgetClock(1e9, warmup_steps=max(warmup, getattr(backend, "warmup_steps", 1)))
+    result = train_loop(backend, batches, clock, Schedule.from_recipe(recipe), rows * T,
+                        on_step=lambda info: times.append(info.seconds) if info.counted else None,
+                        max_steps=clock.warmup_steps + steps)
+    compile_s = result.warmup_seconds
     step_s = float(np.median(times))
     opt_s = backend.time_optimizer()
     tok_s = rows * T / step_s

@@ -9,11 +9,19 @@ literals (`2**19`), so they can be compared, recorded as JSON and transplanted b
 
     recipe = read_recipe("train.py")            # {"DEPTH": 8, ...}
     new_src = apply_recipe(src, {"DEPTH": 10})  # rewrites those assignments in place
+    rows, n_micro, rows_per_micro = batch_geometry(recipe, seq_len)   # how a step splits its batch
+    train = load_train("train.py", {"DEPTH": 2})  # train.py run as a fresh module with overrides
+    parse_overrides(["DEPTH=4"])                # --set NAME=VALUE arguments -> {"DEPTH": 4}
 """
 import ast
+import itertools
 import json
 import operator
+import sys
+import types
 from pathlib import Path
+
+from .constants import MAX_SEQ_LEN
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod}
@@ -143,4 +151,56 @@ def recipe_diff(a: dict, b: dict, missing=ABSENT) -> dict:
         va, vb = a.get(k, missing), b.get(k, missing)
         if k not in a or k not in b or not same_value(va, vb):
             out[k] = (va, vb)
+    return out
+
+
+# --- batch geometry and running train.py with overrides ---------------------------------------
+def batch_geometry(recipe: dict, seq_len: int):
+    """(rows per step, micro-batches per step, rows per micro-batch).
+
+    TOTAL_BATCH_SIZE is stated in tokens at the contract's MAX_SEQ_LEN; a profile with shorter
+    rows (demo) keeps the same number of rows per step.
+    """
+    total, device_rows = recipe.get("TOTAL_BATCH_SIZE"), recipe.get("DEVICE_BATCH_SIZE")
+    if not isinstance(total, int) or not isinstance(device_rows, int) or total <= 0 or device_rows <= 0:
+        raise ValueError("TOTAL_BATCH_SIZE and DEVICE_BATCH_SIZE must be positive integers in train.py")
+    rows = total // MAX_SEQ_LEN
+    if rows * MAX_SEQ_LEN != total or rows % device_rows:
+        raise ValueError(
+            f"TOTAL_BATCH_SIZE ({total}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
+            f"({device_rows} * {MAX_SEQ_LEN} = {device_rows * MAX_SEQ_LEN})")
+    return rows, rows // device_rows, device_rows
+
+
+_counter = itertools.count()
+
+
+def load_train(path="train.py", overrides: dict | None = None) -> types.ModuleType:
+    """train.py executed as a fresh module, with recipe `overrides` applied to its source first
+    (the module sees them exactly as if they had been written there)."""
+    path = Path(path).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (run from the repository root)")
+    source = path.read_text()
+    if overrides:
+        source = apply_recipe(source, overrides, filename=str(path))
+    name = f"_mlx_ar_train_{next(_counter)}"
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    sys.modules[name] = module  # dataclasses look their module up while the class is created
+    exec(compile(source, str(path), "exec"), module.__dict__)
+    return module
+
+
+def parse_overrides(items) -> dict:
+    """['DEPTH=4', 'OPTIMIZER="adamw"'] -> {'DEPTH': 4, 'OPTIMIZER': 'adamw'} (values as in the recipe)."""
+    out = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = parse_value(raw)
+        except (ValueError, TypeError, SyntaxError):
+            out[key.strip()] = raw.strip()  # a bare word is a string: OPTIMIZER=adamw
     return out

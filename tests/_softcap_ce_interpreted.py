@@ -11,7 +11,7 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     sys.exit("set TRITON_INTERPRET=1: this checks the kernel in Triton's interpreter")
 
-from mlx_ar.backends import softcap_ce, softcap_ce_triton  # noqa: E402
+from mlx_ar.backends.cuda.kernels import softcap_ce, softcap_ce_triton  # noqa: E402
 
 CAP = 15.0
 

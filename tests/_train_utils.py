@@ -1,12 +1,13 @@
 """Shared test helpers: train.py loaded as a fresh module with recipe constants overridden, tiny
-configs, model pairs compared loss for loss, kernel labels, dynamo graphs, and runs of the Triton
-interpreter."""
+configs, kernels bound by name and checked against their fallbacks in the model, dynamo graphs,
+and runs of the Triton interpreter."""
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from mlx_ar.harness.trainfile import load_train as _load
+from mlx_ar.recipe import load_train as _load
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PY = ROOT / "train.py"
@@ -27,27 +28,20 @@ def load_train(overrides=None):
     return _load(TRAIN_PY, overrides)
 
 
-def kernel_label(model, family: str, why: str | None = None) -> str:
-    """The label a cuda backend on a GPU records for `family`'s kernel in `model`: `why` is why
-    the fast kernel was not offered (None: it was). The other families are not offered."""
-    from types import SimpleNamespace
+@contextmanager
+def bound(**fns):
+    """Bind kernel names (attention=, relu2_mlp=, residual_linear=, softcap_cross_entropy=) of
+    mlx_ar.backends.cuda.kernels to `fns` for the duration; the previous bindings come back after."""
+    from mlx_ar.backends.cuda import kernels
 
-    from mlx_ar.backends.cuda_backend import KERNEL_SWITCHES, CudaBackend
-
-    whys = {f"why_{f}": why if f == family else "not offered in this test" for f in KERNEL_SWITCHES}
-    return CudaBackend._kernel_labels(SimpleNamespace(on_gpu=True), model, **whys)[family]
-
-
-def model_pair(tt, vocab_size: int, seq_len: int, **kernel):
-    """Two tiny torch GPTs (train_torch module `tt`) from the same seed: the plain one, and one
-    built with `kernel` (attention=, mlp=, residual=, loss= or norm_rope=)."""
-    import torch
-
-    models = []
-    for given in ({}, kernel):
-        torch.manual_seed(0)
-        models.append(tt.build_model(recipe_of(TINY), vocab_size, seq_len, **given))
-    return models
+    old = {name: getattr(kernels, name) for name in fns}
+    try:
+        for name, fn in fns.items():
+            setattr(kernels, name, fn)
+        yield kernels
+    finally:
+        for name, fn in old.items():
+            setattr(kernels, name, fn)
 
 
 def counting(fn):
@@ -60,23 +54,37 @@ def counting(fn):
     return counted
 
 
-def assert_same_loss_and_grads(models, vocab_size: int, seq_len: int):
-    """Two torch GPTs give the same loss and gradients on one random batch (bf16 tolerances)."""
+def assert_kernel_matches_fallback(tt, vocab_size: int, seq_len: int, **fns):
+    """A tiny torch GPT (train_torch module `tt`) gives the same loss and gradients on one random
+    batch with kernel names bound to `fns` as with the plain-torch fallbacks (bf16 tolerances).
+    Returns how often each bound function was called."""
     import numpy as np
     import pytest
     import torch
 
+    from mlx_ar.backends.cuda.kernels import fallback
+
+    torch.manual_seed(0)
+    model = tt.build_model(recipe_of(TINY), vocab_size, seq_len)
+    with torch.no_grad():   # the output projections start at zero: without weights no sublayer input gets a gradient
+        for block in model.blocks:
+            block.mlp.c_proj.weight.normal_(0, 0.05)
+            block.attn.c_proj.weight.normal_(0, 0.05)
     rng = np.random.default_rng(0)
     x, y = (torch.from_numpy(rng.integers(0, vocab_size, (2, seq_len))) for _ in range(2))
-    losses = []
-    for m in models:
-        loss = m(x, y)
-        loss.backward()
-        losses.append(loss.item())
-    assert losses[0] == pytest.approx(losses[1], abs=2e-3)
-    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
-        assert a.grad is not None, name
-        torch.testing.assert_close(b.grad.float(), a.grad.float(), atol=2e-2, rtol=5e-2, msg=name)
+    counted = {name: counting(fn) for name, fn in fns.items()}
+    results = []
+    for binding in ({name: getattr(fallback, name) for name in fns}, counted):
+        with bound(**binding):
+            model.zero_grad(set_to_none=True)
+            loss = model(x, y)
+            loss.backward()
+        results.append((loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert fused == pytest.approx(plain, abs=2e-3)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, atol=2e-2, rtol=5e-2, msg=name)
+    return {name: fn.calls for name, fn in counted.items()}
 
 
 def dynamo_graph(fn, *args):

@@ -1,4 +1,4 @@
-"""FlashAttention-4 glue (mlx_ar/backends/fa4.py) and the cuda backend's choice of attention kernel.
+"""FlashAttention-4 glue (mlx_ar/backends/cuda/kernels/fa4.py).
 
 The FA4 kernels need a Hopper GPU, so on the CPU the custom ops get a reference kernel (plain
 masked softmax attention, registered for the CPU device in a fixture): what is tested there is
@@ -9,9 +9,9 @@ gpu-marked test compares the real kernels with SDPA where FA4 runs.
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, kernel_label, model_pair, recipe_of
-from mlx_ar.backends import fa4
-from mlx_ar.backends.cuda_backend import ATTENTION_ENV, choose_attention, load_torch_file
+from _train_utils import ROOT, assert_kernel_matches_fallback
+from mlx_ar.backends.cuda.backend import load_torch_file
+from mlx_ar.backends.cuda.kernels import fa4
 
 T = 32
 
@@ -58,7 +58,7 @@ def sdpa_attention(q, k, v, window, scale):
     return out.transpose(1, 2)
 
 
-# --- choosing the kernel ------------------------------------------------------------------------
+# --- where it runs -------------------------------------------------------------------------------
 def test_window_left_counts_keys_before_the_query():
     assert fa4.window_left(1, T) == 0              # only the query's own key
     assert fa4.window_left(16, T) == 15
@@ -81,24 +81,6 @@ def test_unavailable_reason_names_what_is_missing():
     assert "flash-attn-4 is not installed" in missing and "pip install" in missing
     assert fa4.unavailable_reason("cuda", 128, capability=(9, 0), find_spec=found) is None
     assert fa4.unavailable_reason("cuda", 64, capability=(10, 0), find_spec=found) is None
-
-
-def test_choose_attention_follows_the_probe_and_the_environment():
-    can = lambda device, head_dim: None                    # noqa: E731
-    cannot = lambda device, head_dim: "flash-attn-4 is not installed"  # noqa: E731
-    assert choose_attention("cuda", 128, env={}, probe=can) == ("fa4", "available")
-    assert choose_attention("cuda", 128, env={}, probe=cannot) == ("torch", "flash-attn-4 is not installed")
-    assert choose_attention("cuda", 128, env={ATTENTION_ENV: " AUTO "}, probe=can)[0] == "fa4"
-    assert choose_attention("cuda", 128, env={ATTENTION_ENV: "torch"}, probe=can)[0] == "torch"
-    assert choose_attention("cuda", 128, env={ATTENTION_ENV: "fa4"}, probe=can)[0] == "fa4"
-    with pytest.raises(ValueError, match="cannot run here: flash-attn-4 is not installed"):
-        choose_attention("cuda", 128, env={ATTENTION_ENV: "fa4"}, probe=cannot)
-    with pytest.raises(ValueError, match="choose one of auto, fa4, torch"):
-        choose_attention("cuda", 128, env={ATTENTION_ENV: "flash"}, probe=can)
-
-
-def test_choose_attention_on_the_cpu_keeps_torch_kernels():
-    assert choose_attention(torch.device("cpu"), 128, env={})[0] == "torch"
 
 
 # --- the ops' glue, with reference kernels on the CPU ---------------------------------------------
@@ -131,11 +113,10 @@ def test_ops_compile_whole_and_match_eager(cpu_kernels):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def test_model_with_the_fa4_kernel_matches_its_own_kernels(cpu_kernels):
+def test_model_with_the_fa4_kernel_matches_the_fallback(cpu_kernels):
     tt = load_torch_file(ROOT / "train_torch.py")
-    models = model_pair(tt, 97, T, attention=fa4.attention)
-    assert models[1].masks.kernel is fa4.attention and models[1].masks.block_masks is None
-    assert_same_loss_and_grads(models, 97, T)
+    calls = assert_kernel_matches_fallback(tt, 97, T, attention=fa4.attention)
+    assert calls == {"attention": 2}                   # every layer of TINY's two
 
 
 # --- the real kernels ---------------------------------------------------------------------------
@@ -156,17 +137,3 @@ def test_fa4_kernels_match_sdpa_on_the_gpu(window):
     torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
-
-
-def test_fast_attention_false_in_train_torch_declines_the_kernel(cpu_kernels):
-    """An agent changing Masks' attention math sets FAST_ATTENTION = False, so FA4 cannot bypass it."""
-    tt = load_torch_file(ROOT / "train_torch.py")
-    assert tt.FAST_ATTENTION is True
-    recipe = recipe_of(TINY)
-    tt.FAST_ATTENTION = False
-    model = tt.build_model(recipe, 97, T, attention=fa4.attention)
-    assert model.masks.kernel is None
-    label = kernel_label(model, "attention")                                           # offered, declined
-    assert label == "torch sdpa+flex (fa4 not used: FAST_ATTENTION = False in train_torch.py)"
-    label = kernel_label(model, "attention", "flash-attn-4 is not installed")
-    assert label.endswith("(fa4 not used: flash-attn-4 is not installed)")

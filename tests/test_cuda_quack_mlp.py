@@ -1,5 +1,4 @@
-"""The fused relu² MLP and residual-add glue (mlx_ar/backends/quack_mlp.py) and the cuda backend's
-choice of MLP kernel.
+"""The fused relu² MLP and residual-add glue (mlx_ar/backends/cuda/kernels/quack_mlp.py).
 
 quack's GEMMs need a Hopper or Blackwell GPU, so on the CPU the three custom ops get reference
 kernels (the same math in float32, registered for the CPU device in a fixture): what is tested
@@ -7,25 +6,22 @@ there is the glue — the autograd wiring, the fake (shape) functions under torc
 leading batch axes, and the model running every MLP and output projection through the ops. The
 gpu-marked tests compare the real kernels with a float32 reference where they run.
 """
-import functools
-
 import pytest
 import torch
 
-from _train_utils import ROOT, TINY, assert_same_loss_and_grads, counting, kernel_label, model_pair, recipe_of
-from mlx_ar.backends import quack_mlp
-from mlx_ar.backends.cuda_backend import (MLP_ENV, QUACK_TUNE_ENV, CudaBackend, choose_mlp, load_torch_file,
-                                          quack_tuning_wanted)
+from _train_utils import ROOT, TINY, assert_kernel_matches_fallback
+from mlx_ar.backends.cuda.backend import load_torch_file
+from mlx_ar.backends.cuda.kernels import fallback, quack_mlp
 
 T = 32
 
 
-SEEN_TILES = []                    # the (tuned, tiles) the reference kernels were called with
+SEEN_TILES = []                    # the tiles the reference kernels were called with
 
 
-def reference_fwd(x, w_fc, w_proj, residual, tuned, tiles):
+def reference_fwd(x, w_fc, w_proj, residual, tiles):
     """(out, activation relu(pre)²) in x's dtype, computed in float32."""
-    SEEN_TILES.append((tuned, tuple(tiles)))
+    SEEN_TILES.append(tuple(tiles))
     act = torch.relu(x.float() @ w_fc.float().T).square()
     out = act @ w_proj.float().T
     if residual is not None:
@@ -33,10 +29,10 @@ def reference_fwd(x, w_fc, w_proj, residual, tuned, tiles):
     return out.to(x.dtype), act.to(x.dtype)
 
 
-def reference_bwd(dout, x, w_fc, w_proj, act, tuned, tiles):
+def reference_bwd(dout, x, w_fc, w_proj, act, tiles):
     """(dx, dw_fc, dw_proj) by the chain rule in float32, relu²'s derivative taken from its output
     (2 sqrt(act)) as the fused backward GEMM takes it."""
-    SEEN_TILES.append((tuned, tuple(tiles)))
+    SEEN_TILES.append(tuple(tiles))
     dtype = x.dtype
     dout, x, w_fc, w_proj, act = (t.float() for t in (dout, x, w_fc, w_proj, act))
     dpre = (dout @ w_proj) * 2 * act.sqrt()
@@ -45,7 +41,7 @@ def reference_bwd(dout, x, w_fc, w_proj, act, tuned, tiles):
 
 def reference_residual(x, w, residual, tiles):
     """residual + x @ w.T in x's dtype, computed in float32."""
-    SEEN_TILES.append(("residual", tuple(tiles)))
+    SEEN_TILES.append(tuple(tiles))
     return (residual.float() + x.float() @ w.float().T).to(x.dtype)
 
 
@@ -71,7 +67,7 @@ def _operands(seed=0, lead=(2, 5), d=16, h=64):
     return x, w_fc, w_proj, dy
 
 
-# --- choosing the kernel ------------------------------------------------------------------------
+# --- where it runs -------------------------------------------------------------------------------
 def test_unavailable_reason_names_what_is_missing():
     found = lambda name: object()                          # noqa: E731
     assert "not a CUDA device" in quack_mlp.unavailable_reason("cpu", (512, 2048))
@@ -94,40 +90,6 @@ def test_a_package_lookup_that_fails_is_named():
     assert why == "quack-kernels cannot be found: a parent package fails to import"
 
 
-def test_choose_mlp_follows_the_probe_and_the_environment():
-    can = lambda device, dims: None                        # noqa: E731
-    cannot = lambda device, dims: "quack-kernels is not installed"  # noqa: E731
-    dims = (512, 2048)
-    assert choose_mlp("cuda", dims, env={}, probe=can) == ("quack", "available")
-    assert choose_mlp("cuda", dims, env={}, probe=cannot) == ("torch", "quack-kernels is not installed")
-    assert choose_mlp("cuda", dims, env={MLP_ENV: " Auto"}, probe=can)[0] == "quack"
-    assert choose_mlp("cuda", dims, env={MLP_ENV: "torch"}, probe=can) == ("torch", f"{MLP_ENV}=torch")
-    assert choose_mlp("cuda", dims, env={MLP_ENV: "quack"}, probe=can)[0] == "quack"
-    with pytest.raises(ValueError, match="cannot run here: quack-kernels is not installed"):
-        choose_mlp("cuda", dims, env={MLP_ENV: "quack"}, probe=cannot)
-    with pytest.raises(ValueError, match="choose one of auto, quack, torch"):
-        choose_mlp("cuda", dims, env={MLP_ENV: "fused"}, probe=can)
-
-
-def test_quack_tuning_is_opt_in():
-    assert quack_tuning_wanted(env={}) is False
-    assert quack_tuning_wanted(env={QUACK_TUNE_ENV: "0"}) is False
-    assert quack_tuning_wanted(env={QUACK_TUNE_ENV: " 1 "}) is True
-    with pytest.raises(ValueError, match="use 1 .* or 0"):
-        quack_tuning_wanted(env={QUACK_TUNE_ENV: "yes"})
-
-
-def test_a_bad_tuning_switch_fails_the_build_even_where_quack_cannot_run(monkeypatch):
-    monkeypatch.setenv(QUACK_TUNE_ENV, "yes")
-    backend = CudaBackend({"__file__": str(ROOT / "train.py")})
-    with pytest.raises(ValueError, match=f"{QUACK_TUNE_ENV}='yes': use 1"):
-        backend.build(recipe_of(TINY), 97, T, seed=0)
-
-
-def test_choose_mlp_on_the_cpu_keeps_torch_kernels():
-    assert choose_mlp(torch.device("cpu"), (512, 2048), env={})[0] == "torch"
-
-
 # --- the ops' glue, with reference kernels on the CPU ---------------------------------------------
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_ops_match_the_plain_mlp_forward_and_gradients(cpu_kernels, with_residual):
@@ -145,22 +107,20 @@ def test_ops_match_the_plain_mlp_forward_and_gradients(cpu_kernels, with_residua
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tuned, tiles", [(False, ()), (True, ()), (False, quack_mlp.HOPPER_TILES)])
-def test_the_tuning_flag_and_the_tiles_reach_both_ops(cpu_kernels, tuned, tiles):
+@pytest.mark.parametrize("tiles", [(), quack_mlp.HOPPER_TILES])
+def test_the_tiles_reach_both_ops(cpu_kernels, tiles):
     x, w_fc, w_proj, dy = _operands(2)
     SEEN_TILES.clear()
-    quack_mlp.mlp(x.requires_grad_(), w_fc, w_proj, tuned=tuned, tiles=tiles).backward(dy)
-    assert SEEN_TILES == [(tuned, tiles), (tuned, tiles)]  # forward, then backward
+    quack_mlp.mlp(x.requires_grad_(), w_fc, w_proj, tiles=tiles).backward(dy)
+    assert SEEN_TILES == [tiles, tiles]    # forward, then backward
 
 
 def test_tiles_are_pinned_on_hopper_only_and_named_in_the_label():
     assert quack_mlp.pinned_tiles((9, 0)) == quack_mlp.HOPPER_TILES == (192, 128, 1, 1, 2)
-    assert quack_mlp.pinned_tiles((9, 0), tuned=True) == ()         # the autotuner chooses
     assert quack_mlp.pinned_tiles((10, 0)) == quack_mlp.pinned_tiles((8, 9)) == ()
     assert quack_mlp.tiles_label(quack_mlp.HOPPER_TILES) == "192x128 pingpong tiles in 1x2 clusters"
     assert quack_mlp.tiles_label((256, 128, 0, 2, 1)) == "256x128 tiles in 2x1 clusters"
     assert quack_mlp.tiles_label(()) == "default tiles"
-    assert quack_mlp.tiles_label((), tuned=True) == "autotuned"
 
 
 def test_the_residual_op_matches_the_plain_projection_and_its_gradients(cpu_kernels):
@@ -170,7 +130,7 @@ def test_the_residual_op_matches_the_plain_projection_and_its_gradients(cpu_kern
     leaves = [t.clone().requires_grad_() for t in (x, w, residual)]
     SEEN_TILES.clear()
     y = quack_mlp.residual_linear(*leaves, tiles=quack_mlp.HOPPER_TILES)
-    assert y.shape == residual.shape and SEEN_TILES == [("residual", quack_mlp.HOPPER_TILES)]
+    assert y.shape == residual.shape and SEEN_TILES == [quack_mlp.HOPPER_TILES]
     y.backward(dy)
     ref_leaves = [t.clone().requires_grad_() for t in (x, w, residual)]
     (ref_leaves[2] + ref_leaves[0] @ ref_leaves[1].T).backward(dy)
@@ -198,47 +158,18 @@ def test_ops_compile_whole_and_match_eager(cpu_kernels):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
 
 
-def test_model_with_the_fused_mlp_matches_its_own_mlp(cpu_kernels):
-    tt = load_torch_file(ROOT / "train_torch.py")
-    counted, added = counting(quack_mlp.mlp), counting(quack_mlp.residual_linear)
-    models = model_pair(tt, 97, T, mlp=counted, residual=added)
-    assert all(b.mlp.kernel is counted and b.attn.c_proj.kernel is b.mlp.c_proj.kernel is added
-               for b in models[1].blocks)
-    # The output projections start at zero: give them weights, or the sublayers' inputs get no gradient.
-    for m in models:
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for b in m.blocks:
-                b.mlp.c_proj.weight.normal_(0, 0.05)
-                b.attn.c_proj.weight.normal_(0, 0.05)
-    assert_same_loss_and_grads(models, 97, T)
-    assert counted.calls == TINY["DEPTH"]                  # every layer's MLP ran through the ops
-    assert added.calls == TINY["DEPTH"]                    # and every attention output projection
+def test_the_fallbacks_are_the_plain_mlp_and_projection():
+    x, w_fc, w_proj, _ = _operands(4)
+    residual = torch.randn_like(x)
+    torch.testing.assert_close(fallback.relu2_mlp(x, w_fc, w_proj, residual), plain_mlp(x, w_fc, w_proj, residual))
+    torch.testing.assert_close(fallback.residual_linear(x, w_fc[:16], residual), residual + x @ w_fc[:16].T)
 
 
-def test_fast_mlp_false_in_train_torch_declines_the_kernel(cpu_kernels):
-    """An agent changing MLP's math sets FAST_MLP = False, so the fused kernel cannot bypass it."""
+def test_model_with_the_fused_mlp_matches_the_fallback(cpu_kernels):
     tt = load_torch_file(ROOT / "train_torch.py")
-    assert tt.FAST_MLP is True
-    tt.FAST_MLP = False
-    model = tt.build_model(recipe_of(TINY), 97, T, mlp=quack_mlp.mlp, residual=quack_mlp.residual_linear)
-    assert all(b.mlp.kernel is b.mlp.c_proj.kernel is b.attn.c_proj.kernel is None for b in model.blocks)
-    label = kernel_label(model, "mlp")                                                 # offered, declined
-    assert label == "torch (quack not used: FAST_MLP = False in train_torch.py)"
-    label = kernel_label(model, "mlp", "quack-kernels is not installed")
-    assert label == "torch (quack not used: quack-kernels is not installed)"
-    tt.FAST_MLP = True
-    model = tt.build_model(recipe_of(TINY), 97, T, mlp=quack_mlp.mlp)
-    label = kernel_label(model, "mlp")
-    assert label.startswith("quack ") and label.endswith("default tiles)")
-    model = tt.build_model(recipe_of(TINY), 97, T, mlp=functools.partial(quack_mlp.mlp, tuned=True))
-    assert kernel_label(model, "mlp").endswith("autotuned)")
-    pinned = functools.partial(quack_mlp.mlp, tuned=False, tiles=quack_mlp.HOPPER_TILES)
-    model = tt.build_model(recipe_of(TINY), 97, T, mlp=pinned)
-    assert kernel_label(model, "mlp").endswith("(relu² in the GEMM epilogues, 192x128 pingpong tiles in 1x2 clusters)")
-    model = tt.build_model(recipe_of(TINY), 97, T, mlp=pinned, residual=quack_mlp.residual_linear)
-    assert kernel_label(model, "mlp").endswith("(relu² and the residual adds in the GEMM epilogues, "
-                                               "192x128 pingpong tiles in 1x2 clusters)")
+    calls = assert_kernel_matches_fallback(tt, 97, T, relu2_mlp=quack_mlp.mlp, residual_linear=quack_mlp.residual_linear)
+    # every layer's MLP ran through the ops, and every attention output projection
+    assert calls == {"relu2_mlp": TINY["DEPTH"], "residual_linear": TINY["DEPTH"]}
 
 
 # --- the real kernels ---------------------------------------------------------------------------

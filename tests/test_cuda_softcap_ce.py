@@ -1,8 +1,8 @@
-"""The fused soft-capped cross-entropy (mlx_ar/backends/softcap_ce.py and its Triton kernel).
+"""The fused soft-capped cross-entropy (mlx_ar/backends/cuda/kernels/softcap_ce.py and its Triton kernel).
 
 On the CPU the custom op runs its torch reference; what is tested there is that reference's
 math against autograd, the backward's scaling, the fake (shape) function under
-torch.compile, the model using the kernel only while training, and the backend's choice. The
+torch.compile, and the model using the kernel only for the mean training loss. The
 Triton kernel itself runs on the CPU through Triton's interpreter where Triton is installed (CI
 installs it), in a fresh process, on both of its paths (a row held at once, and a row walked in
 chunks). The
@@ -11,10 +11,10 @@ gpu-marked test runs the compiled kernel.
 import pytest
 import torch
 
-from _train_utils import (ROOT, TINY, assert_same_loss_and_grads, counting, dynamo_graph, model_pair, recipe_of,
-                          kernel_label, run_interpreted)
-from mlx_ar.backends import softcap_ce
-from mlx_ar.backends.cuda_backend import LOSS_ENV, choose_loss, load_torch_file
+from _train_utils import (ROOT, TINY, assert_kernel_matches_fallback, bound, counting, dynamo_graph, recipe_of,
+                          run_interpreted)
+from mlx_ar.backends.cuda.backend import load_torch_file
+from mlx_ar.backends.cuda.kernels import fallback, softcap_ce
 
 T = 32
 CAP = 15.0
@@ -33,7 +33,7 @@ def _logits(M, V, seed=0, scale=8.0, dtype=torch.bfloat16):
     return z, torch.randint(0, V, (M,), generator=g)
 
 
-# --- choosing the kernel ------------------------------------------------------------------------
+# --- where it runs -------------------------------------------------------------------------------
 def test_unavailable_reason_names_what_is_missing():
     found = lambda name: object()                          # noqa: E731
     assert "not a CUDA device" in softcap_ce.unavailable_reason("cpu")
@@ -43,22 +43,6 @@ def test_unavailable_reason_names_what_is_missing():
     assert "triton is not installed" in missing and "torch's CUDA wheels" in missing
     assert softcap_ce.unavailable_reason("cuda", capability=(8, 0), find_spec=found) is None
     assert softcap_ce.unavailable_reason("cuda", capability=(12, 0), find_spec=found) is None
-
-
-def test_choose_loss_follows_the_probe_and_the_environment():
-    can = lambda device: None                              # noqa: E731
-    cannot = lambda device: "triton is not installed"      # noqa: E731
-    assert choose_loss("cuda", env={}, probe=can) == ("triton", "available")
-    assert choose_loss("cuda", env={}, probe=cannot) == ("torch", "triton is not installed")
-    assert choose_loss("cuda", env={LOSS_ENV: "torch"}, probe=can) == ("torch", f"{LOSS_ENV}=torch")
-    with pytest.raises(ValueError, match="cannot run here: triton is not installed"):
-        choose_loss("cuda", env={LOSS_ENV: "triton"}, probe=cannot)
-    with pytest.raises(ValueError, match="choose one of auto, triton, torch"):
-        choose_loss("cuda", env={LOSS_ENV: "fused"}, probe=can)
-
-
-def test_choose_loss_on_the_cpu_keeps_torch():
-    assert choose_loss(torch.device("cpu"), env={})[0] == "torch"
 
 
 # --- the op's math and glue (torch reference on the CPU) -----------------------------------------
@@ -137,37 +121,27 @@ def test_cross_entropy_leaves_the_compiled_graph_cacheable():
             check_node_safe(node)
 
 
+def test_the_fallback_is_the_mean_of_the_plain_loss():
+    h, w, targets = _leaves(3)
+    torch.testing.assert_close(fallback.softcap_cross_entropy(h, w, targets, CAP),
+                               plain_loss(h.float(), w.float(), targets).mean(), atol=2e-3, rtol=1e-3)
+
+
 def test_model_trains_through_the_kernel_and_evaluates_without_it():
     tt = load_torch_file(ROOT / "train_torch.py")
-    counted = counting(softcap_ce.cross_entropy)
-    models = model_pair(tt, 97, T, loss=counted)
-    assert models[1].loss_kernel is counted
-    assert_same_loss_and_grads(models, 97, T)
-    assert counted.calls == 1                              # the training loss ran through the kernel
+    calls = assert_kernel_matches_fallback(tt, 97, T, softcap_cross_entropy=softcap_ce.cross_entropy)
+    assert calls == {"softcap_cross_entropy": 1}           # the training loss ran through the kernel
+    torch.manual_seed(0)
+    model = tt.build_model(recipe_of(TINY), 97, T)
     x = torch.randint(0, 97, (2, T))
-    with torch.no_grad():
-        per_token = [m.token_losses(x, x) for m in models]
-    assert counted.calls == 1                              # evaluation did not
-    torch.testing.assert_close(per_token[1], per_token[0])
-    models[1](x, x, reduction="none").sum().backward()
-    assert counted.calls == 1                              # nor per-token losses with gradients
-
-
-def test_fast_loss_false_in_train_torch_declines_the_kernel():
-    """An agent changing head_loss's math sets FAST_LOSS = False, so the kernel cannot bypass it."""
-    tt = load_torch_file(ROOT / "train_torch.py")
-    assert tt.FAST_LOSS is True
-    tt.FAST_LOSS = False
-    model = tt.build_model(recipe_of(TINY), 97, T, loss=softcap_ce.cross_entropy)
-    assert model.loss_kernel is None
-    label = kernel_label(model, "loss")                                                # offered, declined
-    assert label == "torch (triton not used: FAST_LOSS = False in train_torch.py)"
-    label = kernel_label(model, "loss", "triton is not installed")
-    assert label == "torch (triton not used: triton is not installed)"
-    tt.FAST_LOSS = True
-    model = tt.build_model(recipe_of(TINY), 97, T, loss=softcap_ce.cross_entropy)
-    label = kernel_label(model, "loss")
-    assert label.startswith("triton ") and label.endswith("(soft-capped cross-entropy and its gradient in one pass)")
+    counted = counting(softcap_ce.cross_entropy)
+    with bound(softcap_cross_entropy=counted):
+        with torch.no_grad():
+            per_token = model.token_losses(x, x)
+        model(x, x, reduction="none").sum().backward()
+        mean = model(x, x)
+    assert counted.calls == 1                              # per-token losses never go through it
+    torch.testing.assert_close(mean, per_token.mean(), atol=1e-4, rtol=1e-4)
 
 
 # --- the Triton kernel, interpreted on the CPU ---------------------------------------------------
@@ -185,7 +159,7 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available() or softcap_ce.unavailable_reason("cuda") is not None,
                     reason="needs an Ampere or newer NVIDIA GPU with Triton")
 def test_triton_kernel_on_the_gpu():
-    from mlx_ar.backends import softcap_ce_triton
+    from mlx_ar.backends.cuda.kernels import softcap_ce_triton
 
     for M, V, block_max, cap in ((4096, 8192, 8192, CAP), (1000, 50304, 8192, CAP), (512, 3000, 1024, CAP),
                                  (512, 8192, 8192, 100.0), (256, 3000, 1024, 100.0)):

@@ -9,20 +9,26 @@ device's peak FLOP/s. No other module names a device or imports mlx/torch for tr
     handle = backend.step(inputs, targets)        # (n_micro, B, T) int arrays; returns at once
     loss = backend.loss_value(handle)             # waits for the step, float
 """
-from typing import Any, Protocol
+from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:              # importing the registry (the CLI, the ledger) loads no numpy
+    import numpy as np
 
 BACKENDS = ("mlx", "cuda")
 
 
 class Backend(Protocol):
+    """Every method and attribute the harness and `mlx-ar bench` use; nothing is probed with getattr."""
     name: str
     num_params: int                # set by build()
     flops_per_token: float         # set by build(): training FLOPs per token
+    warmup_steps: int              # first steps the budget excludes (compilation, graph recording)
 
     def device_name(self) -> str: ...
     def peak_flops(self) -> float | None: ...        # dense bf16 FLOP/s, None if unknown
+    def configure_memory(self) -> None: ...          # before build(): memory limits, peak counters reset
     def build(self, recipe: dict, vocab_size: int, seq_len: int, seed: int) -> None: ...
     def set_hyper(self, lr_mult: float, muon_momentum: float, weight_decay: float) -> None: ...
     def step(self, inputs: np.ndarray, targets: np.ndarray) -> Any: ...
@@ -34,7 +40,8 @@ class Backend(Protocol):
     def sync(self) -> None: ...
     def peak_memory_mb(self) -> float: ...
     def executed_files(self) -> list: ...            # source files this run executes (for the record)
-    def versions(self) -> dict: ...
+    def versions(self) -> dict: ...                  # may hold "kernels": {family: what runs it}
+    def time_optimizer(self, repeats: int = 10) -> float: ...   # median s of one update (bench only)
 
 
 def get_backend(name: str, train_file, overrides: dict | None = None) -> Backend:
@@ -42,19 +49,19 @@ def get_backend(name: str, train_file, overrides: dict | None = None) -> Backend
 
     The MLX model lives in train.py itself, so that backend gets a fresh module of it (with
     `overrides` applied to the recipe); the cuda backend reads train_torch.py beside it and
-    takes the recipe in build(), so train.py's MLX imports never run on a machine without MLX.
+    takes the recipe, overrides applied, in build(), so train.py's MLX imports never run on a
+    machine without MLX.
     """
     if name == "mlx":
         _require("mlx.core", "mlx", name)
-        from ..harness.trainfile import load_train
+        from ..recipe import load_train
         from .mlx_backend import MLXBackend
         return MLXBackend(vars(load_train(train_file, overrides)))
     if name == "cuda":
-        from .cuda_backend import CudaBackend, before_torch_import
-
-        before_torch_import()
         _require("torch", "cuda", name)
-        return CudaBackend({"__file__": str(Path(train_file).resolve())})
+        from .cuda.backend import CudaBackend
+
+        return CudaBackend(train_file)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -119,40 +119,8 @@ def _run_text(run, cmd) -> str | None:
     return proc.stdout if proc.returncode == 0 else None
 
 
-# --- NVIDIA ----------------------------------------------------------------------------------
-# Dense bf16 tensor-core peaks (no 2:4 sparsity) from NVIDIA's datasheets. GeForce cards are
-# listed at the fp32-accumulate rate, which is what training uses (half their fp16-acc rate).
-# First match wins, so specific variants (H100 PCIe, L40S) come before their families.
-NVIDIA_PEAK_FLOPS = (
-    (r"\bGB200\b", 2.5e15),
-    (r"\bB200\b", 2.25e15),
-    (r"\bB100\b", 1.75e15),
-    (r"\bGH200\b", 989.5e12),
-    (r"\bH[18]00\b.*\bPCIE\b", 756e12),
-    (r"\bH[12]00\b.*\bNVL\b", 835.5e12),
-    (r"\bH[128]00\b", 989.5e12),  # SXM: "NVIDIA H100 80GB HBM3", "NVIDIA H200", H800
-    (r"\bA[18]00\b", 312e12),
-    (r"\bA40\b", 149.7e12),
-    (r"\bA30\b", 165e12),
-    (r"\bA10\b", 125e12),  # not A10G (AWS's variant has different clocks)
-    (r"\bL40S\b", 362.05e12),
-    (r"\bL40\b", 181.05e12),
-    (r"\bL4\b", 121e12),
-    (r"\bRTX 6000 ADA\b", 364.25e12),
-    (r"\bRTX A6000\b", 154.8e12),
-    (r"\bRTX 4090\b", 165.2e12),
-    (r"\bRTX 3090 TI\b", 80e12),
-    (r"\bRTX 3090\b", 71e12),
-)
-
-
-def nvidia_peak_flops(name: str) -> float | None:
-    """Peak dense bf16 FLOP/s for a CUDA device name such as torch.cuda.get_device_name()."""
-    upper = " ".join((name or "").upper().replace("-", " ").split())
-    for pattern, peak in NVIDIA_PEAK_FLOPS:
-        if re.search(pattern, upper):
-            return peak
-    return None
+# --- NVIDIA: the table lives with the cuda backend (MLX's CUDA build reports NVIDIA names too) ---
+from ..backends.cuda.hardware import NVIDIA_PEAK_FLOPS, nvidia_peak_flops  # noqa: E402,F401
 
 
 # --- both ------------------------------------------------------------------------------------

@@ -47,11 +47,13 @@ class LoopResult:
 
 def train_loop(backend, batches: Iterator, clock, schedule, tokens_per_step: int, *,
                on_step: Callable[[StepInfo], None] | None = None, gc_control=None,
-               queue_ahead: bool = True) -> LoopResult:
+               queue_ahead: bool = True, max_steps: int | None = None) -> LoopResult:
     """Run steps until the clock's budget is spent. Raises summary.FastFail on a bad loss.
 
     queue_ahead=False runs one step at a time (each step's loss read before the next starts).
+    max_steps: stop after this many steps, warmup included (`mlx-ar bench` times a fixed count).
     """
+    limit = float("inf") if max_steps is None else max_steps
     source = iter(batches)
 
     def dispatch(step_index, progress):
@@ -62,7 +64,7 @@ def train_loop(backend, batches: Iterator, clock, schedule, tokens_per_step: int
 
     queued = None                   # the step waiting behind the running one: (handle, hyper, epoch)
     loss, epoch, step_seconds = None, 0, 0.0
-    while queued is not None or not clock.done:
+    while queued is not None or (not clock.done and clock.steps < limit):
         if queued is None:
             clock.step_started()
             running = dispatch(clock.steps, clock.progress)
@@ -71,7 +73,7 @@ def train_loop(backend, batches: Iterator, clock, schedule, tokens_per_step: int
         # Queue the next step unless this one compiles (its time must stay apart) or the budget
         # is expected to be spent when this one ends.
         expected = clock.training_seconds + step_seconds
-        if queue_ahead and not clock.in_warmup and expected < clock.budget_s:
+        if queue_ahead and not clock.in_warmup and expected < clock.budget_s and clock.steps + 1 < limit:
             queued = dispatch(clock.steps + 1, min(1.0, expected / clock.budget_s))
         handle, hyper, epoch = running
         loss = backend.loss_value(handle)

@@ -15,9 +15,8 @@ import time
 import traceback
 from pathlib import Path
 
-from .. import constants
 from ..backends import BACKENDS
-from ..recipe import RecipeError, read_recipe
+from ..recipe import RecipeError, batch_geometry, read_recipe
 
 # The record the ledger reads when --record is not given.
 DEFAULT_RECORD = "run.json"
@@ -35,23 +34,6 @@ def parse_args(argv, recipe):
     p.add_argument("--smoke", type=float, default=None, metavar="SECONDS",
                    help="shorten the budget for tests and smoke runs; the run is marked as not comparable")
     return p.parse_args(argv)
-
-
-def batch_geometry(recipe: dict, seq_len: int):
-    """(rows per step, micro-batches per step, rows per micro-batch).
-
-    TOTAL_BATCH_SIZE is stated in tokens at the contract's MAX_SEQ_LEN; a profile with shorter
-    rows (demo) keeps the same number of rows per step.
-    """
-    total, device_rows = recipe.get("TOTAL_BATCH_SIZE"), recipe.get("DEVICE_BATCH_SIZE")
-    if not isinstance(total, int) or not isinstance(device_rows, int) or total <= 0 or device_rows <= 0:
-        raise ValueError("TOTAL_BATCH_SIZE and DEVICE_BATCH_SIZE must be positive integers in train.py")
-    rows = total // constants.MAX_SEQ_LEN
-    if rows * constants.MAX_SEQ_LEN != total or rows % device_rows:
-        raise ValueError(
-            f"TOTAL_BATCH_SIZE ({total}) must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
-            f"({device_rows} * {constants.MAX_SEQ_LEN} = {device_rows * constants.MAX_SEQ_LEN})")
-    return rows, rows // device_rows, device_rows
 
 
 def micro_batches(batches, n_micro, rows):

@@ -18,12 +18,10 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-KERNEL_KEYS = ("attention", "mlp", "loss", "norm_rope")  # versions entries naming the kernels a backend chose
-
-
 def kernel_line(versions: dict) -> str:
-    """'kernels: attention fa4 4.0.0b36 | mlp torch | loss torch', or "" when the backend names no kernels."""
-    parts = [f"{key} {versions[key]}" for key in KERNEL_KEYS if key in versions]
+    """'kernels: attention fa4 4.0.0b36 | mlp torch | loss torch' from a backend's versions()["kernels"]
+    ({family: what runs it}), or "" when the backend names no kernels."""
+    parts = [f"{family} {what}" for family, what in (versions.get("kernels") or {}).items()]
     return "kernels: " + " | ".join(parts) if parts else ""
 
 

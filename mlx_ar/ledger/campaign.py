@@ -22,6 +22,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..backends import BACKENDS
 from ..constants import TIME_BUDGET
 from .policy import MUTABLE_FILES
 
@@ -29,7 +30,6 @@ CAMPAIGN_FILE = "campaign.toml"
 GATES = ("auto", "single", "significance")
 TIERS = ("config", "code")
 DIRECTIONS = ("min", "max")
-BACKENDS = ("mlx", "cuda")
 # What the agent may edit on each backend, unless campaign.toml says otherwise; the rule itself
 # (and which parts each backend executes) lives in mlx_ar.ledger.policy.
 DEFAULT_MUTABLE = {backend: tuple(files) for backend, files in MUTABLE_FILES.items()}

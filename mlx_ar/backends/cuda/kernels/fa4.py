@@ -1,10 +1,10 @@
 """FlashAttention-4 (the `flash-attn-4` package's CuTe DSL kernels) as an optional attention kernel.
 
-On a Hopper or newer NVIDIA GPU with `flash-attn-4` installed, the cuda backend hands this
-module's `attention` to train_torch.py's model in place of SDPA and flex_attention. It computes
-the same causal sliding-window attention; only the kernel differs. Nothing is downloaded: the
+On a Hopper or newer NVIDIA GPU with `flash-attn-4` installed, kernels/__init__.py binds
+`attention` to this module's in place of SDPA and flex_attention (fallback.py). It computes the
+same causal sliding-window attention; only the kernel differs. Nothing is downloaded: the
 kernels are compiled on this machine at their first call (and cached on disk by flash-attn-4
-when FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1, which the backend sets unless told otherwise).
+when FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1, which kernels/__init__.py sets unless told otherwise).
 
     reason = unavailable_reason(device, head_dim)      # None when FA4 can run here
     y = attention(q, k, v, window, scale)              # q, k, v, y: (B, T, H, D) bf16
@@ -17,7 +17,7 @@ import importlib.util
 
 import torch
 
-from . import compile_ahead, packages
+from .packages import cuda_capability, missing_reason, package_version
 
 MIN_CAPABILITY = 9                 # the sm90 (Hopper) and sm100 kernels; older GPUs use torch's kernels
 PACKAGE = "flash-attn-4"
@@ -28,7 +28,7 @@ def unavailable_reason(device, head_dim: int, capability=None, find_spec=importl
 
     capability: the GPU's (major, minor), asked of torch when not given.
     """
-    found, why = packages.cuda_capability(device, capability, minimum=MIN_CAPABILITY)
+    found, why = cuda_capability(device, capability, minimum=MIN_CAPABILITY)
     if why:
         return why
     major, minor = found
@@ -36,12 +36,12 @@ def unavailable_reason(device, head_dim: int, capability=None, find_spec=importl
     supported = 8 <= head_dim <= 256 if major == 9 else (8 <= head_dim <= 128 or head_dim == 256)
     if head_dim % 8 or not supported:
         return f"head_dim {head_dim} is not supported by FA4 on compute capability {major}.{minor}"
-    return packages.missing_reason(PACKAGE, ("flash_attn", "flash_attn.cute"),
+    return missing_reason(PACKAGE, ("flash_attn", "flash_attn.cute"),
                                    f'pip install "{PACKAGE}[cu13]", or without [cu13] for CUDA 12', find_spec)
 
 
 def version() -> str:
-    return packages.version(PACKAGE)
+    return package_version(PACKAGE)
 
 
 def window_left(window: int, seq_len: int) -> int:
@@ -58,7 +58,6 @@ def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int,
     """Causal attention over the `left` keys before each query (-1: all); returns (out, lse (B, H, T))."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling them (compile_ahead.py)
     out, lse = _flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True,
                                window_size_left=None if left < 0 else left, window_size_right=0,
                                return_lse=True)[:2]
@@ -76,7 +75,6 @@ def fa4_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
             lse: torch.Tensor, left: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
-    compile_ahead.wait_kernels()   # a helper may be compiling these kernels (compile_ahead.py)
     dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, scale, True, 0.0,
                                  window_size_left=None if left < 0 else left, window_size_right=0)
     return dq, dk, dv

@@ -2,7 +2,7 @@
 
     (major, minor), why = cuda_capability(device, minimum=9)  # or (None, "cpu is not a CUDA device")
     why = missing_reason("flash-attn-4", ["flash_attn", "flash_attn.cute"], "pip install ...")
-    version("flash-attn-4")            # "4.0.0b36", or "unknown" when not installed
+    package_version("flash-attn-4")           # "4.0.0b36", or "unknown" when not installed
 """
 import importlib.metadata
 import importlib.util
@@ -34,7 +34,7 @@ def missing_reason(package: str, modules, hint: str, find_spec=importlib.util.fi
     return None
 
 
-def version(package: str) -> str:
+def package_version(package: str) -> str:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

@@ -17,24 +17,22 @@ cuBLAS's own addmm (the residual as its input) took twice its plain matmul's tim
     reason = unavailable_reason(device, (d_model, hidden))   # None when the kernels can run
     y = mlp(x, w_fc, w_proj)                                   # x (..., d_model) bf16
     y = mlp(x, w_fc, w_proj, residual)                         # residual + the MLP, added in the last GEMM
-    y = mlp(x, w_fc, w_proj, tuned=True)                       # tiles picked by quack's autotuner
     y = mlp(x, w_fc, w_proj, tiles=pinned_tiles(capability))   # HOPPER_TILES on Hopper, else quack's default
     y = residual_linear(x, w, residual, tiles)                 # residual + x @ w.T
 
-On a Hopper or Blackwell GPU with `quack-kernels` installed (it comes with the `fa4` extra), the
-cuda backend hands `mlp` and `residual_linear` to the model, with the pinned tiles on Hopper.
+On a Hopper or Blackwell GPU with `quack-kernels` installed (it comes with the `fa4` extra),
+kernels/__init__.py binds `relu2_mlp` and `residual_linear` to these, with the pinned tiles on Hopper.
 The GEMMs are wrapped as torch custom ops (`mlx_ar::relu2_mlp_fwd`, `mlx_ar::relu2_mlp_bwd`,
 `mlx_ar::residual_linear`) so torch.compile keeps them whole; the other GEMMs (the MLP's second
 forward matmul when it has no residual, the weight gradients, dx) stay with cuBLAS. Kernels
-compile on first use and are cached on disk by quack; the autotuner's choices are cached too
-when QUACK_CACHE_AUTOTUNING=1, which the backend sets unless told otherwise.
+compile on first use and are cached on disk by quack.
 """
 import importlib.util
 from typing import Optional
 
 import torch
 
-from . import compile_ahead, packages
+from .packages import cuda_capability, missing_reason, package_version
 
 CAPABILITIES = (9, 10)             # quack's sm90 and sm100 GEMMs; other GPUs keep torch's kernels
 PACKAGE = "quack-kernels"
@@ -54,7 +52,7 @@ def unavailable_reason(device, dims, capability=None, find_spec=importlib.util.f
 
     capability: the GPU's (major, minor), asked of torch when not given.
     """
-    found, why = packages.cuda_capability(device, capability)
+    found, why = cuda_capability(device, capability)
     if why:
         return why
     major, minor = found
@@ -63,23 +61,21 @@ def unavailable_reason(device, dims, capability=None, find_spec=importlib.util.f
     odd = [d for d in dims if d % ALIGN]
     if odd:
         return f"sizes {odd} are not multiples of {ALIGN}"
-    return packages.missing_reason(PACKAGE, ("quack",), "it comes with flash-attn-4: the fa4 extra", find_spec)
+    return missing_reason(PACKAGE, ("quack",), "it comes with flash-attn-4: the fa4 extra", find_spec)
 
 
 def version() -> str:
-    return packages.version(PACKAGE)
+    return package_version(PACKAGE)
 
 
-def pinned_tiles(capability, tuned: bool = False) -> tuple:
+def pinned_tiles(capability) -> tuple:
     """The tiles to pin on a GPU of compute capability (major, minor), in HOPPER_TILES' form; ()
-    leaves them to quack (its default tiles, or its autotuner when tuned)."""
-    return () if tuned or capability[0] != 9 else HOPPER_TILES
+    leaves them to quack's default."""
+    return () if capability[0] != 9 else HOPPER_TILES
 
 
-def tiles_label(tiles, tuned: bool = False) -> str:
+def tiles_label(tiles) -> str:
     """How the fused GEMMs' tiles were chosen, for the run record's kernel line."""
-    if tuned:
-        return "autotuned"
     if not tiles:
         return "default tiles"
     m, n, pingpong, cm, cn = tiles
@@ -100,47 +96,44 @@ def _config(tiles, device):
 # --- custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("mlx_ar::relu2_mlp_fwd", mutates_args=())
 def relu2_mlp_fwd(x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor, residual: Optional[torch.Tensor],
-                  tuned: bool, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                  tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, d), w_fc (h, d), w_proj (d, h) -> (out (M, d), activation relu(x @ w_fc.T)² (M, h)).
 
     out is [residual +] activation @ w_proj.T; the residual (M, d), when given, is added by the
     matmul's epilogue.
 
-    tuned: let quack's autotuner pick the fused GEMM's tiles; tiles: pinned tiles in HOPPER_TILES'
-    form, or [] for quack's default.
+    tiles: pinned tiles in HOPPER_TILES' form, or [] for quack's default.
     """
     from quack.gemm_interface import gemm_act
 
-    compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling them (compile_ahead.py)
     config = _config(tiles, x.device)
-    act = gemm_act(x, w_fc.T, activation=ACTIVATION, store_preact=False, tuned=tuned, config=config)[1]
+    act = gemm_act(x, w_fc.T, activation=ACTIVATION, store_preact=False, tuned=False, config=config)[1]
     out = act @ w_proj.T if residual is None else _gemm_add(act, w_proj, residual, config)
     return out, act
 
 
 @relu2_mlp_fwd.register_fake
-def _(x, w_fc, w_proj, residual, tuned, tiles):
+def _(x, w_fc, w_proj, residual, tiles):
     return x.new_empty((x.size(0), w_proj.size(0))), x.new_empty((x.size(0), w_fc.size(0)))
 
 
 @torch.library.custom_op("mlx_ar::relu2_mlp_bwd", mutates_args=())
 def relu2_mlp_bwd(dout: torch.Tensor, x: torch.Tensor, w_fc: torch.Tensor, w_proj: torch.Tensor,
-                  act: torch.Tensor, tuned: bool, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  act: torch.Tensor, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, dw_fc, dw_proj) from dout (M, d) and the forward's activation."""
     from .quack_drelu2 import drelu2
 
-    compile_ahead.wait_kernels()   # a helper may be compiling these kernels (compile_ahead.py)
-    dpre = drelu2(dout, w_proj, act, tuned=tuned, config=_config(tiles, act.device))
+    dpre = drelu2(dout, w_proj, act, config=_config(tiles, act.device))
     return dpre @ w_fc, dpre.T @ x, dout.T @ act
 
 
 @relu2_mlp_bwd.register_fake
-def _(dout, x, w_fc, w_proj, act, tuned, tiles):
+def _(dout, x, w_fc, w_proj, act, tiles):
     return torch.empty_like(x), torch.empty_like(w_fc), torch.empty_like(w_proj)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_fc, w_proj, residual, ctx.tuned, ctx.tiles = inputs
+    x, w_fc, w_proj, residual, ctx.tiles = inputs
     ctx.has_residual = residual is not None
     ctx.save_for_backward(x, w_fc, w_proj, output[1])
 
@@ -148,8 +141,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dact):
     x, w_fc, w_proj, act = ctx.saved_tensors
     dout = dout.contiguous()
-    grads = torch.ops.mlx_ar.relu2_mlp_bwd(dout, x, w_fc, w_proj, act, ctx.tuned, ctx.tiles)
-    return *grads, dout if ctx.has_residual else None, None, None
+    grads = torch.ops.mlx_ar.relu2_mlp_bwd(dout, x, w_fc, w_proj, act, ctx.tiles)
+    return *grads, dout if ctx.has_residual else None, None
 
 
 relu2_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -168,7 +161,6 @@ def _gemm_add(x, w, residual, config):
 @torch.library.custom_op("mlx_ar::residual_linear", mutates_args=())
 def residual_linear_op(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, tiles: list[int]) -> torch.Tensor:
     """x (M, k), w (n, k), residual (M, n) -> residual + x @ w.T (M, n)."""
-    compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling it (compile_ahead.py)
     return _gemm_add(x, w, residual, _config(tiles, x.device))
 
 
@@ -201,17 +193,12 @@ def residual_linear(x, w, residual, tiles=()):
     return torch.ops.mlx_ar.residual_linear(_rows(x), w, _rows(residual), list(tiles)).view(residual.shape)
 
 
-def mlp(x, w_fc, w_proj, residual=None, tuned: bool = False, tiles=()):
+def mlp(x, w_fc, w_proj, residual=None, tiles=()):
     """[residual +] relu(x @ w_fc.T)² @ w_proj.T over the last axis of x (any leading shape), in
     x's dtype; residual has x's leading shape and w_proj's rows.
 
     tiles: pinned GEMM tiles in HOPPER_TILES' form (see pinned_tiles), () for quack's default.
-
-    tuned: quack's autotuner picks the fused GEMMs' tiles (the GEMM adding the residual keeps
-    quack's default tiles). On an H100 at the karpathy config that gained nothing (278.5 against
-    276.8 ms a step, measured before the residual GEMMs), and tuning compiles every candidate
-    kernel once per matrix shape: about 60 s on a machine's first run (cached on disk afterwards).
     """
     residual = None if residual is None else _rows(residual)
-    out = torch.ops.mlx_ar.relu2_mlp_fwd(_rows(x), w_fc, w_proj, residual, tuned, list(tiles))[0]
+    out = torch.ops.mlx_ar.relu2_mlp_fwd(_rows(x), w_fc, w_proj, residual, list(tiles))[0]
     return out.view(*x.shape[:-1], out.size(-1))

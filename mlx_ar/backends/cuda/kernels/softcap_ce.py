@@ -13,15 +13,15 @@ the backward applies it to the small results of its two matmuls, never to the gr
 
 The kernel is the torch custom op `mlx_ar::softcap_ce` (Triton on a GPU, the same math in torch
 elsewhere), called with its matmul by `mlx_ar::linear_softcap_ce`, whose backward is registered
-with the op; torch.compile and CUDA graphs keep both whole. The cuda backend hands
-`cross_entropy` to the model where Triton runs; the model uses it for the mean training loss only
-(evaluation needs per-token losses and no gradient, and keeps the plain head).
+with the op; torch.compile and CUDA graphs keep both whole. kernels/__init__.py binds
+`softcap_cross_entropy` to `cross_entropy` where Triton runs; the model uses it for the mean
+training loss only (evaluation needs per-token losses and no gradient, and keeps the plain head).
 """
 import importlib.util
 
 import torch
 
-from . import compile_ahead, packages
+from .packages import cuda_capability, missing_reason, package_version
 
 MIN_CAPABILITY = 8                 # bf16 loads and stores in Triton: Ampere and newer
 PACKAGE = "triton"
@@ -32,12 +32,12 @@ def unavailable_reason(device, capability=None, find_spec=importlib.util.find_sp
 
     capability: the GPU's (major, minor), asked of torch when not given.
     """
-    why = packages.cuda_capability(device, capability, minimum=MIN_CAPABILITY)[1]
-    return why or packages.missing_reason(PACKAGE, ("triton",), "it comes with torch's CUDA wheels", find_spec)
+    why = cuda_capability(device, capability, minimum=MIN_CAPABILITY)[1]
+    return why or missing_reason(PACKAGE, ("triton",), "it comes with torch's CUDA wheels", find_spec)
 
 
 def version() -> str:
-    return packages.version(PACKAGE)
+    return package_version(PACKAGE)
 
 
 # --- custom op --------------------------------------------------------------------------------
@@ -60,9 +60,9 @@ def softcap_ce(z: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torc
 
 @softcap_ce.register_kernel("cuda")
 def _(z, targets, cap):
-    from . import softcap_ce_triton
+    from .softcap_ce_triton import softcap_ce as triton_softcap_ce
 
-    return softcap_ce_triton.softcap_ce(z.contiguous(), targets.contiguous(), cap)
+    return triton_softcap_ce(z.contiguous(), targets.contiguous(), cap)
 
 
 @softcap_ce.register_fake
@@ -78,7 +78,6 @@ def linear_softcap_ce(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
     The logits z = h @ w.T live only inside the op; the gradient (not scaled by 1/M) is kept
     for the backward.
     """
-    compile_ahead.wait_kernels(forward_only=True)   # a helper may be compiling it (compile_ahead.py)
     loss, dz = torch.ops.mlx_ar.softcap_ce(h @ w.T, targets, cap)
     return loss.mean(), dz
 
