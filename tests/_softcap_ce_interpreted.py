@@ -1,6 +1,6 @@
 """Checks softcap_ce_triton's kernel against softcap_ce.reference; run with TRITON_INTERPRET=1 set.
 
-test_cuda_softcap_ce.py runs this in a fresh process (Triton must see the variable before its
+test_cuda_kernels_softcap_ce.py runs this in a fresh process (Triton must see the variable before its
 first import). Prints one "ok ..." line per case and exits non-zero on the first mismatch.
 """
 import os
