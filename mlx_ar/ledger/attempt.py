@@ -27,7 +27,7 @@ from ..harness.summary import utc_timestamp
 from . import git_ops, policy, ratchet, receipts as rc
 from .campaign import data_profile
 from .context import EXIT_CODES, EXIT_INTERRUPTED, Interrupted, open_context, shielded, worker_env
-from .gate import GateSettings, Verdict, decide, gate_kind, gate_note, mean
+from .gate import GateSettings, Verdict, decide, floor_of, gate_kind, gate_note, mean
 from .ledger import champion, samples_of, usual_rate, variance_groups
 from .runner import RunOutcome, assess, run_child
 
@@ -147,6 +147,16 @@ class Attempt:
                   variance_groups(receipts, noise, c.objective, exclude={champ["surface_sha"], sha})]
         return decide(settings, values, champ_vals, groups)
 
+    def heldout_vetoed(self, receipts, noise) -> str | None:
+        """policy.heldout_veto on the held-out bpb of this candidate's runs against the champion's."""
+        champ = self.d.champ
+        if champ is None or self.c.objective != "val_bpb":
+            return None
+        champ_vals = (samples_of(receipts, noise, champ["surface_sha"], "heldout_bpb")
+                      or [(champ.get("metrics") or {}).get("heldout_bpb")])
+        cand = [(o.metrics or {}).get("heldout_bpb") for o in self.outcomes if o.status == "ok"]
+        return policy.heldout_veto(cand, champ_vals, floor_of(noise))
+
     def run_until_decided(self) -> tuple[str, str, bool]:
         """Run seeds until something decides: (status, reason, decided by the gate?)."""
         c, ctx = self.c, self.ctx
@@ -180,6 +190,9 @@ class Attempt:
                 return "discard", veto, False
             verdict = self.judge(receipts, noise)
             self.d.gate_stats = dict(verdict.stats)
+            why = self.heldout_vetoed(receipts, noise) if verdict.action == "keep" else None
+            if why:
+                return "discard", why, False
             if verdict.action == "more":
                 self.echo(f"gate: {verdict.reason}; running another seed")
                 continue
@@ -268,6 +281,7 @@ def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=
     why = (policy.already_scored_reason(receipts, worktree, c)
            or (policy.config_tier_reason(c, ref_files, worktree) if champ else None)
            or policy.inert_reason(c.backend, ref_files, worktree)
+           or policy.eval_data_reason(worktree)
            or policy.overridden_reason(profile, ref_files.get("train.py"), worktree.get("train.py"))
            or policy.description_reason(d.description))
     if why:

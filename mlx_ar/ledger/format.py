@@ -28,7 +28,7 @@ NOISE_SCHEMA = 1
 RESULTS_COLUMNS = (
     "commit", "val_bpb", "memory_gb", "status", "description",
     "tok_per_sec", "num_steps", "backend", "device", "seed", "contract", "receipt",
-    "n_runs", "worker",
+    "n_runs", "worker", "heldout_bpb",
 )
 STATUSES = ("keep", "discard", "crash", "refused", "suspect")
 # The statuses that get a results.tsv row (upstream's own).

@@ -181,6 +181,8 @@ def row_for(receipt: dict, rel_path: str) -> dict:
         "receipt": rel_path,
         "n_runs": str(sum(1 for r in runs if r.get("status") == "ok")),
         "worker": receipt.get("worker") or "",
+        # The held-out split's score: shown beside val_bpb, never used by the gate.
+        "heldout_bpb": f"{m['heldout_bpb']:.6f}" if ok and m.get("heldout_bpb") is not None else "",
     }
 
 

@@ -7,13 +7,17 @@ The attempt (attempt.py) asks them in order and records the first reason it gets
 Before anything runs (`refusal` reasons: the candidate is refused, nothing is touched):
     unrelated_reason, missing_reason, already_scored_reason, config_tier_reason,
     inert_reason (edits the backend would not execute), overridden_reason (edits the data
-    profile would replace), description_reason.
+    profile would replace), eval_data_reason (code that reaches for the validation or
+    held-out data), description_reason.
 After a run (`VETOES`: the candidate is discarded whatever its score):
     smoke_veto, memory_veto, tok_per_sec_veto. A veto is `fn(metrics, record, receipts,
     campaign) -> reason or None`; add one by appending it to VETOES.
+After the gate says keep: heldout_veto (the held-out score worsens beyond the noise floor).
 """
 import ast
 import hashlib
+import math
+import re
 
 from .git_ops import surface_sha
 from .format import NOISE_FILE, RECEIPTS_DIR, RESULTS_FILE
@@ -51,6 +55,41 @@ def missing_reason(worktree: dict) -> str | None:
     missing = [p for p, d in worktree.items() if d is None]
     if missing:
         return f"{', '.join(missing)} does not exist; restore it (git checkout HEAD -- {missing[0]})"
+    return None
+
+
+# Ways into the prepared data, the validation and held-out splits above all: the cache root (by
+# its variable or default path), the data/evaluation modules, the loader's split walks, and the
+# token shards by name. Training reads its batches from the harness, never by itself.
+EVAL_DATA_PATTERNS = (
+    (r"MLX_AR_CACHE", "the cache root variable MLX_AR_CACHE"),
+    (r"mlx-autoresearch", "the cache directory (~/.cache/mlx-autoresearch)"),
+    (r"\bmlx_ar\s*\.\s*(?:data|paths|evaluate)\b", "mlx_ar's data, paths or evaluate module"),
+    (r"\bfrom\s+mlx_ar\s+import\s+[^\n]*\b(?:data|paths|evaluate)\b", "mlx_ar's data, paths or evaluate module"),
+    (r"\b(?:val_batches|heldout_batches|split_table|open_dataset|dataset_dir|cache_root|val_doc_stream)\b",
+     "the data loader's split API"),
+    (r"\b(?:val|heldout)_\d{5}\b|\.(?:tokens|docs)\.npy\b", "the token shard files"),
+    (r"[\"'](?:val|heldout|validation|held-out)[\"']", "a split by name"),
+)
+
+
+def eval_data_reason(files: dict) -> str | None:
+    """Why the candidate's mutable files are refused for reaching for the prepared data, or None.
+
+    `files` is {path: bytes or None}. Reading the validation or held-out tokens (or the cache
+    they live in) lets a run train on what it is scored on; program.md forbids it.
+    """
+    for path, data in sorted(files.items()):
+        text = _text(data)
+        if text is None:
+            continue
+        for pattern, what in EVAL_DATA_PATTERNS:
+            m = re.search(pattern, text)
+            if m:
+                line = text.count("\n", 0, m.start()) + 1
+                return (f"{path}:{line} reaches for {what} ({m.group(0)!r}): the mutable files may not read the "
+                        "prepared data, the validation or the held-out split (training gets its batches from "
+                        "the harness); remove it")
     return None
 
 
@@ -321,4 +360,28 @@ def veto_reason(metrics, record, receipts, campaign, vetoes=None) -> str | None:
         if why:
             return why
     return None
+
+
+HELDOUT_VETO_SIGMAS = 3.0      # standard errors of a held-out difference that count as a real loss
+
+
+def heldout_veto(candidate, champion, floor: float | None, sigmas: float = HELDOUT_VETO_SIGMAS) -> str | None:
+    """Veto a keep (val_bpb improved) whose held-out bpb worsens beyond the noise floor, or None.
+
+    candidate, champion: the held-out bpb of each ok run (None entries are skipped); floor: the
+    seed-to-seed sd of the branch's noise floor. The difference of the means is a real loss when
+    it exceeds `sigmas` standard errors, sd * sqrt(1/n + 1/m). Without a floor, or without
+    held-out scores on both sides (datasets prepared before the split), there is no veto.
+    """
+    cand = [float(v) for v in candidate if isinstance(v, (int, float)) and math.isfinite(v)]
+    champ = [float(v) for v in champion if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not cand or not champ or not floor or floor <= 0:
+        return None
+    worse = sum(cand) / len(cand) - sum(champ) / len(champ)
+    limit = sigmas * floor * math.sqrt(1 / len(cand) + 1 / len(champ))
+    if worse <= limit:
+        return None
+    return (f"veto: held-out bpb worsens by {worse:.6f} ({sum(champ) / len(champ):.6f} -> "
+            f"{sum(cand) / len(cand):.6f}), beyond {sigmas:g} standard errors at noise floor sd {floor:.6f} "
+            f"({limit:.6f}), while val_bpb improves: the gain does not carry to unseen data")
 

@@ -29,7 +29,7 @@ def summarize(rows: list[dict], noise: dict | None = None) -> dict:
         trajectory.append({"attempt": i, "commit": r.get("commit"), "val_bpb": v,
                            "delta": None if prev is None else round(v - prev, 6),
                            "description": r.get("description"), "receipt": r.get("receipt"),
-                           "worker": r.get("worker") or ""})
+                           "worker": r.get("worker") or "", "heldout_bpb": _num(r.get("heldout_bpb"))})
         if best is None or v < best["val_bpb"]:
             best = trajectory[-1]
     out = {"attempts": len(rows), "counts": counts, "best": best, "trajectory": trajectory, "noise": None}
@@ -47,7 +47,8 @@ def format_results(summary: dict, rows: list[dict], last: int | None = None) -> 
     lines = []
     shown = rows if not last else rows[-last:]
     if shown:
-        lines.append(f"{'#':>4}  {'commit':7}  {'val_bpb':>9}  {'mem GB':>6}  {'status':8} {'runs':>4}  description")
+        lines.append(f"{'#':>4}  {'commit':7}  {'val_bpb':>9}  {'held-out':>9}  {'mem GB':>6}  {'status':8} {'runs':>4}  "
+                     "description")
         start = len(rows) - len(shown)
         for i, r in enumerate(shown, start + 1):
             desc = r.get("description") or ""
@@ -56,7 +57,8 @@ def format_results(summary: dict, rows: list[dict], last: int | None = None) -> 
                 why = r["reason"] if len(r["reason"]) <= 70 else r["reason"][:67] + "..."
                 desc = f"{desc}  [{why}]"
             who = f"[{r['worker']}] " if r.get("worker") not in ("", "main", None) else ""
-            lines.append(f"{i:>4}  {r.get('commit', ''):7}  {r.get('val_bpb', ''):>9}  {r.get('memory_gb', ''):>6}  "
+            lines.append(f"{i:>4}  {r.get('commit', ''):7}  {r.get('val_bpb', ''):>9}  {r.get('heldout_bpb') or '-':>9}  "
+                         f"{r.get('memory_gb', ''):>6}  "
                          f"{r.get('status', ''):8} {r.get('n_runs', '') or '':>4}  {who}{desc}")
         if len(shown) < len(rows):
             lines.append(f"      ({len(rows) - len(shown)} earlier rows not shown; --last 0 shows all)")
@@ -65,7 +67,8 @@ def format_results(summary: dict, rows: list[dict], last: int | None = None) -> 
     lines.append(f"attempts: {summary['attempts']}  keep {c.get('keep', 0)}  discard {c.get('discard', 0)}  "
                  f"crash {c.get('crash', 0)}  refused {c.get('refused', 0)}  suspect {c.get('suspect', 0)}")
     b = summary["best"]
-    lines.append(f"best:     {b['val_bpb']:.6f} at {b['commit']} ({b['description']})" if b else "best:     none yet")
+    held = f", held-out {b['heldout_bpb']:.6f}" if b and b.get("heldout_bpb") is not None else ""
+    lines.append(f"best:     {b['val_bpb']:.6f} at {b['commit']} ({b['description']}{held})" if b else "best:     none yet")
     n = summary.get("noise")
     if n and n.get("floor") is not None:
         lines.append(f"noise:    sd {n['floor']:.6f} over {n['n']} runs of {str(n['commit'])[:7]}")
