@@ -207,8 +207,12 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
                    startup_seconds=round(startup + result.warmup_seconds, 1))
 
     print(f"evaluating {profile.eval_tokens:,} validation tokens ...", flush=True)
+    t = time.perf_counter()
     check_causal(backend.eval_logits, ds)          # LeakDetected ("leak: ...") ends the run unscored
+    t_probe = time.perf_counter()
     val_bpb = evaluate_bpb(backend.eval_nats, ds)
+    print(f"leak probe passed in {t_probe - t:.1f} s; validation scored in {time.perf_counter() - t_probe:.1f} s",
+          flush=True)
     if not math.isfinite(val_bpb):
         raise FastFail(f"non-finite val_bpb ({val_bpb})")
     metrics["heldout_bpb"] = _heldout_bpb(backend, ds, evaluate_bpb)
