@@ -225,28 +225,14 @@ def inert_changes(backend: str, old_sources: dict, new_sources: dict) -> list[st
 
 def inert_reason(backend: str, old_sources: dict, new_sources: dict) -> str | None:
     """Why the candidate edits code `backend` would not run (it would report a change it never
-    ran), or a kernel-bypass reason from the backend's own rules; None when it may run."""
+    ran); None when it may run."""
     found = inert_changes(backend, old_sources, new_sources)
     if found:
         allowed = " and ".join(f"the recipe constants of {p}" if EXECUTED[backend].get(p) == "recipe" else p
                                for p in MUTABLE_FILES[backend])
         return (f"the change would not run on the {backend} backend: it edits " + "; ".join(found)
                 + f". Revert that part; on {backend} edit only {allowed} (see program.md)")
-    return kernel_bypass_reason(backend, new_sources)
-
-
-def kernel_bypass_reason(backend: str, new_sources: dict) -> str | None:
-    """On cuda, an edit of code a fused kernel replaces while its flag is on (the backend's rule)."""
-    if EXECUTED.get(backend, {}).get("train_torch.py") != "all" or new_sources.get("train_torch.py") is None:
-        return None
-    try:
-        from ..backends.surface import bypass_reason
-    except ImportError:  # the backend keeps no such rule
-        return None
-    try:
-        return bypass_reason(new_sources["train_torch.py"])
-    except SyntaxError:
-        return None  # the syntax check and the run itself report it
+    return None
 
 
 def overridden_reason(profile, old_train, new_train) -> str | None:

@@ -57,8 +57,10 @@ def format_results(summary: dict, rows: list[dict], last: int | None = None) -> 
                 why = r["reason"] if len(r["reason"]) <= 70 else r["reason"][:67] + "..."
                 desc = f"{desc}  [{why}]"
             who = f"[{r['worker']}] " if r.get("worker") not in ("", "main", None) else ""
-            lines.append(f"{i:>4}  {r.get('commit', ''):7}  {r.get('val_bpb', ''):>9}  {r.get('heldout_bpb') or '-':>9}  "
-                         f"{r.get('memory_gb', ''):>6}  "
+            # Nothing ran for a refusal: no score to show (results.tsv has no row for it at all).
+            val, mem = ("-", "-") if r.get("status") == "refused" else (r.get("val_bpb", ""), r.get("memory_gb", ""))
+            lines.append(f"{i:>4}  {r.get('commit', ''):7}  {val:>9}  {r.get('heldout_bpb') or '-':>9}  "
+                         f"{mem:>6}  "
                          f"{r.get('status', ''):8} {r.get('n_runs', '') or '':>4}  {who}{desc}")
         if len(shown) < len(rows):
             lines.append(f"      ({len(rows) - len(shown)} earlier rows not shown; --last 0 shows all)")
