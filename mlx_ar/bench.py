@@ -9,6 +9,8 @@ needs no prepared data and measures the model and optimizer alone; `--data NAME`
 packed batches of a prepared dataset instead (real token statistics, loader included).
 """
 import json
+import sys
+import time
 from contextlib import contextmanager
 
 import click
@@ -54,12 +56,61 @@ def bench_train(backend, train_file, overrides, profile, steps, warmup, data, as
             dataset = open_dataset(data)
         figures = run_train_bench(backend, train_file, parse_overrides(overrides),
                                   dataset.profile if dataset else constants.PROFILES[profile],
-                                  steps, warmup, echo=None if as_json else click.echo, dataset=dataset)
+                                  steps, warmup, echo=None if as_json else click.echo, dataset=dataset,
+                                  progress=StepProgress(_live_writer(sys.stderr)))
     if as_json:
         click.echo(json.dumps(figures))
 
 
-def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup, echo=print, seed=0, dataset=None):
+def _live_writer(stream):
+    """write(line, done) for a progress line: redrawn in place on a terminal, one line per update elsewhere."""
+    tty = stream.isatty()
+
+    def write(line, done=False):
+        if tty:
+            stream.write("\r\033[K" + line + ("\n" if done else ""))
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+    write.interval_s = 0.25 if tty else 5.0
+    return write
+
+
+class StepProgress:
+    """The live line of a bench: which step, ms/step so far, and the time left (ETA).
+
+    Called with each StepInfo of the harness loop; `start(warmup, steps)` first. Compiling
+    steps have no ETA yet, so they show the elapsed time; a line is written at most every
+    `write.interval_s` seconds, and once more when the last step is done.
+    """
+
+    def __init__(self, write, clock=time.monotonic):
+        self.write, self.clock = write, clock
+        self.interval = getattr(write, "interval_s", 1.0)
+
+    def start(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps, self.t0, self.last, self.times = warmup, steps, self.clock(), None, []
+        self.write(f"compiling: warmup step 1 of {warmup} (the first steps are slow) ...")
+
+    def __call__(self, info) -> None:
+        if info.counted:
+            self.times.append(info.seconds)
+        now = self.clock()
+        done = len(self.times) >= self.steps
+        if not done and self.last is not None and now - self.last < self.interval:
+            return
+        self.last = now
+        if not self.times:
+            self.write(f"warmup step {info.step} of {self.warmup} | {now - self.t0:.0f} s elapsed (compiling)")
+            return
+        per = sorted(self.times)[len(self.times) // 2]
+        left = (self.steps - len(self.times)) * per
+        self.write(f"step {len(self.times)} of {self.steps} | {per * 1e3:.1f} ms/step | "
+                   + ("done" if done else f"ETA {left:.0f} s"), done)
+
+
+def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup, echo=print, seed=0, dataset=None,
+                    progress=None):
     """Time `steps` training steps after `warmup` untimed ones, through the harness's own loop and
     clock (steps queued as in training, schedules applied), then the optimizer alone."""
     import itertools
@@ -96,8 +147,15 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
              f"{rows * T:,} tokens/step ({n_micro} x {device_rows} x {T}) | vocab {V}")
     times = []
     clock = BudgetClock(1e9, warmup_steps=max(warmup, getattr(backend, "warmup_steps", 1)))
-    result = train_loop(backend, batches, clock, Schedule.from_recipe(recipe), rows * T,
-                        on_step=lambda info: times.append(info.seconds) if info.counted else None,
+    if progress is not None:
+        progress.start(clock.warmup_steps, steps)
+
+    def on_step(info):
+        if info.counted:
+            times.append(info.seconds)
+        if progress is not None:
+            progress(info)
+    result = train_loop(backend, batches, clock, Schedule.from_recipe(recipe), rows * T, on_step=on_step,
                         max_steps=clock.warmup_steps + steps)
     compile_s = result.warmup_seconds
     step_s = float(np.median(times))
