@@ -11,8 +11,10 @@ and readable is skipped; one that fails validation is deleted and fetched again.
 """
 import http.client
 import os
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -48,10 +50,19 @@ def shard_is_valid(path: Path) -> bool:
         return False
 
 
+def offline_message(url: str, error) -> str:
+    """The one next step when a host's name does not resolve (no network)."""
+    host = urllib.parse.urlsplit(url).hostname
+    return (f"cannot reach {host}: name resolution failed ({error}); this machine looks offline. "
+            "Next: `python prepare.py --source demo` (small, built in, no network) or "
+            "`python prepare.py --source local DIR` (your own text files)")
+
+
 def fetch_one(url: str, dest: Path, settings: DownloadSettings = DEFAULTS,
               sleep: Callable[[float], None] = time.sleep, on_bytes: Callable[[int], None] = lambda n: None,
-              log: Callable[[str], None] = lambda msg: None) -> Path:
-    """Download `url` to `dest` atomically, retrying; raise DownloadError after the last attempt."""
+              log: Callable[[str], None] = lambda msg: None, urlopen=urllib.request.urlopen) -> Path:
+    """Download `url` to `dest` atomically, retrying; raise DownloadError after the last attempt
+    (at once when the host's name does not resolve: the machine is offline)."""
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
     last_error = "no attempt made"
     for attempt in range(settings.retries + 1):
@@ -61,7 +72,7 @@ def fetch_one(url: str, dest: Path, settings: DownloadSettings = DEFAULTS,
             sleep(delay)
         got = 0
         try:
-            with urllib.request.urlopen(url, timeout=settings.timeout) as resp, open(tmp, "wb") as f:
+            with urlopen(url, timeout=settings.timeout) as resp, open(tmp, "wb") as f:
                 expected = resp.headers.get("Content-Length")
                 while chunk := resp.read(settings.chunk_bytes):
                     f.write(chunk)
@@ -77,6 +88,11 @@ def fetch_one(url: str, dest: Path, settings: DownloadSettings = DEFAULTS,
             last_error = f"HTTP {e.code} {e.reason}"
             if e.code == 404:
                 break  # the shard does not exist; retrying cannot help
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, socket.gaierror):
+                # No name resolution means no network: retrying only makes the user wait.
+                raise DownloadError(offline_message(url, e.reason)) from None
+            last_error = f"{type(e).__name__}: {e.reason}"
         except (OSError, http.client.HTTPException, DataError) as e:
             # URLError and socket timeouts are OSErrors; IncompleteRead and RemoteDisconnected
             # (a truncated body or a dropped connection) are HTTPExceptions.
@@ -126,6 +142,9 @@ def download_shards(indices, raw_dir, base_url: str, settings: DownloadSettings 
             except DownloadError as e:
                 errors.append(str(e))
     bar.close()
+    offline = [e for e in errors if "name resolution failed" in e]
+    if offline:
+        raise DownloadError(offline[0])
     if errors:
         raise DownloadError(f"{len(errors)} of {len(todo)} shard(s) failed; {errors[0]}")
     return paths
