@@ -99,17 +99,23 @@ def _tokenize_split(tok, split: str, files, tokens_dir: Path, pool, threads: int
     from .progress import human
     from .shards import tokenize_file
 
+    # The line counts this split alone (its label names it); `totals` keeps both for the summary.
+    mine = {"tokens": 0, "t0": time.perf_counter()}
+    bar.done, bar.start = 0.0, bar.clock()
+
     def on_progress(ntok, nbytes):
         totals["tokens"] += ntok
         totals["bytes"] += nbytes
-        rate = totals["tokens"] / max(time.perf_counter() - totals["t0"], 1e-9)
-        bar.update(nbytes, note=f"{human(totals['tokens'])} tokens, {human(rate)} tok/s")
+        mine["tokens"] += ntok
+        rate = mine["tokens"] / max(time.perf_counter() - mine["t0"], 1e-9)
+        bar.update(nbytes, note=f"{human(mine['tokens'])} {split} tokens, {human(rate)} tok/s")
 
     entries = []
     for i, f in enumerate(files):
         bar.label = f"tokenize {split} {i + 1}/{len(files)}"
         st = tokenize_file(tok, f, tokens_dir, split, i, pool, window=2 * threads, on_progress=on_progress, log=log)
         entries.append({"source": f.name, **st.as_dict()})
+    bar.close()
     info = {
         "files": entries,
         "tokens": sum(e["tokens"] for e in entries), "docs": sum(e["docs"] for e in entries),
@@ -283,7 +289,6 @@ def prepare_dataset(source, out_dir, profile, *, name: str | None = None, force:
             val, heldout, heldout_walk = _carve_heldout(tok, tokens_dir, profile, val, log)
             digest = _check_validation_walk(tok, source, tokens_dir, profile, val)
             train = _tokenize_split(tok, "train", source.train, tokens_dir, pool, threads, bar, totals, log)
-        bar.close()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
