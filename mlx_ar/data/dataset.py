@@ -73,6 +73,12 @@ def profile_from_manifest(m: dict, where: Path, fix: str = "re-run prepare with 
     return known
 
 
+def prepared_names(datasets_dir) -> list[str]:
+    """Names of the complete datasets (with a manifest) under `datasets_dir`."""
+    d = Path(datasets_dir)
+    return sorted(p.name for p in d.iterdir() if (p / MANIFEST).is_file()) if d.is_dir() else []
+
+
 class Dataset:
     def __init__(self, directory, name: str | None = None):
         from .tokenizer import load_tokenizer
@@ -81,9 +87,11 @@ class Dataset:
         self.name = name or self.dir.name
         m = read_manifest(self.dir)
         if m is None:
-            state = "was interrupted" if self.dir.exists() else "has not been run"
-            raise DataError(f"dataset '{self.name}' is not prepared ({self.dir / MANIFEST} missing: prepare "
-                            f"{state}); {NO_DATA_HINT}")
+            state = ": its prepare was interrupted" if self.dir.exists() else ""
+            ready = prepared_names(self.dir.parent)
+            have = (f"prepared here: {', '.join(ready)} (pass --data {ready[0]}); or " if ready else "")
+            raise DataError(f"dataset '{self.name}' is not prepared ({self.dir / MANIFEST} missing{state}); "
+                            f"{have}{NO_DATA_HINT}")
         self.manifest = m
         fix = f"rebuild it with {rebuild_command(m, self.name)}"
         self.rebuild_hint = fix
