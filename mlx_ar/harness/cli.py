@@ -9,4 +9,4 @@ def train_command(args, train_file):
     """Run one experiment (options as `python train.py --help`)."""
     from .main import run
 
-    raise SystemExit(run(train_file, list(args)))
+    raise SystemExit(run(train_file, list(args), prog="mlx-ar train"))

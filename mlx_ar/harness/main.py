@@ -25,8 +25,8 @@ LOG_EVERY_S = 5.0
 RATE_WINDOW_S = 2.0                # the progress line's step time is a mean over this much training
 
 
-def parse_args(argv, recipe):
-    p = argparse.ArgumentParser(prog="train.py", description="Train for the fixed time budget, then print val_bpb.")
+def parse_args(argv, recipe, prog: str = "train.py"):
+    p = argparse.ArgumentParser(prog=prog, description="Train for the fixed time budget, then print val_bpb.")
     p.add_argument("--backend", choices=BACKENDS, default="mlx", help="device backend (default: mlx)")
     p.add_argument("--data", default=None, help="prepared dataset name (default: the one prepared last)")
     p.add_argument("--seed", type=int, default=None, help=f"seed for weights and data order (default: the recipe's SEED, {recipe.get('SEED')})")
@@ -95,14 +95,14 @@ def main(train_file, argv=None):
     sys.exit(run(train_file, argv))
 
 
-def run(train_file, argv=None) -> int:
+def run(train_file, argv=None, prog: str = "train.py") -> int:
     from .summary import utc_timestamp
 
     t0 = time.perf_counter()
     started_at = utc_timestamp()
     train_file = Path(train_file).resolve()
     recipe = read_recipe(train_file)
-    args = parse_args(sys.argv[1:] if argv is None else argv, recipe)
+    args = parse_args(sys.argv[1:] if argv is None else argv, recipe, prog)
     seed = args.seed if args.seed is not None else int(recipe.get("SEED", 0))
     fields = {"status": "fail", "reason": None, "backend": args.backend, "device": None, "profile": None,
               "smoke": args.smoke is not None, "time_budget": None, "seed": seed, "dataset": args.data,
