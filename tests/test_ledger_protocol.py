@@ -162,3 +162,20 @@ def test_every_result_says_whether_a_noise_floor_exists(main_repo):
     edit(main_repo, VALUE=1.1)
     r = run_experiment(main_repo, "worse", c, **QUIET)
     assert any("no noise floor yet" in n for n in r.notes) and r.gate["gate"] == "single"
+
+
+def test_child_timeout_follows_the_demo_budget(main_repo, monkeypatch):
+    from mlx_ar.ledger.runner import ChildResult
+
+    _demo_cache(main_repo, monkeypatch)
+    git(main_repo, "checkout", "-q", "-b", "autoresearch/t-m")
+    seen = []
+
+    def runner(cmd, *, cwd, log_path, timeout_s, env, heartbeat):
+        seen.append(timeout_s)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("FAIL: stopped by the test\n")
+        return ChildResult(1, False, 0.1, log_path, "FAIL: stopped by the test")
+    c = campaign(time_budget=None, eval_allowance=None)
+    r = run_experiment(main_repo, "baseline", c, runner=runner, **QUIET)
+    assert r.status == "crash" and seen == [2 * DEMO.time_budget + 2 * DEMO.time_budget]  # 240 s, not 900
