@@ -43,7 +43,7 @@ from .data.walk import eval_rows, heldout_rows, measured, walk_digest
 
 DEFAULT_MAX_LOGITS_BYTES = 512 * 2**20
 LOGIT_BYTES = 4                          # float32 logits
-CE_CHUNK_POSITIONS = 4096                # positions per numpy cross-entropy step (~4096 * V * 4 bytes of temporaries)
+CE_CHUNK_POSITIONS = 1024                # positions per numpy cross-entropy step: ~3 temporaries of 1024 * V * 4 bytes
 FINGERPRINT_CHARS = 16
 # The probe's tolerance: identical computations give identical logits; a look-ahead moves them by far more.
 LEAK_RTOL = 1e-3
