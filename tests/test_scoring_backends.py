@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from _train_utils import TINY, TRAIN_PY, bound, recipe_of
+from mlx_ar.backends import get_backend
 from mlx_ar.constants import Profile
 from mlx_ar.data.loader import DocTable, val_batches
 from mlx_ar.data.shards import TokenShard
 from mlx_ar.evaluate import evaluate_bpb, leak_probe
-from mlx_ar.recipe import load_train
 
 V, T = 97, 32                      # TINY's first layer gets a 16-key window, its last a full one
 BOS = 96
@@ -44,15 +44,16 @@ def first_row():
 
 
 # --- MLX ----------------------------------------------------------------------------------------
-def mlx_backend(module, seed=0):
-    """An MLXBackend over `module` (train.py loaded), its zero-initialised matrices filled in and a
-    larger lm_head, so predictions depend on every layer (a fresh model predicts ~uniformly)."""
+def mlx_backend(edit=None, seed=0):
+    """The mlx backend on train.py (TINY), `edit`(its module globals) applied first; its
+    zero-initialised matrices filled in and a larger lm_head, so predictions depend on every
+    layer (a fresh model predicts ~uniformly)."""
     mx = pytest.importorskip("mlx.core")
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from mlx_ar.backends.mlx_backend import MLXBackend
-
-    b = MLXBackend(vars(module))
+    b = get_backend("mlx", TRAIN_PY, TINY)
+    if edit:
+        edit(b.g)
     b.build(recipe_of(TINY), V, T, seed)
     rng = np.random.default_rng(seed)
     std = {"c_proj": 0.05, "ve_gate": 0.05, "lm_head": 0.3}
@@ -63,24 +64,24 @@ def mlx_backend(module, seed=0):
     return b
 
 
-def label_smoothed(module):
-    """`module` with its training loss label-smoothed (0.1), as an agent might edit train.py."""
+def label_smoothed(train_globals):
+    """train.py's training loss label-smoothed (0.1), as an agent might edit it."""
     import mlx.core as mx
 
-    plain = module.GPT.token_losses
+    gpt = train_globals["GPT"]
+    plain = gpt.token_losses
 
     def token_losses(self, idx, targets):
         z = self.logits(idx)
         return 0.9 * plain(self, idx, targets) + 0.1 * (mx.logsumexp(z, axis=-1) - z.mean(axis=-1))
 
-    module.GPT.token_losses = token_losses
-    return module
+    gpt.token_losses = token_losses
 
 
 def test_mlx_training_loss_change_leaves_the_score_of_the_same_weights_unchanged():
     mx = pytest.importorskip("mlx.core")
-    plain = mlx_backend(load_train(TRAIN_PY, TINY))
-    smoothed = mlx_backend(label_smoothed(load_train(TRAIN_PY, TINY)))
+    plain = mlx_backend()
+    smoothed = mlx_backend(label_smoothed)
     x, y = first_row()
     xs, ys = mx.array(x), mx.array(y)
     # The edit does change the training loss ...
@@ -96,9 +97,9 @@ def test_mlx_training_loss_change_leaves_the_score_of_the_same_weights_unchanged
 def test_mlx_leak_probe_passes_the_model_and_catches_attention_without_a_mask():
     mx = pytest.importorskip("mlx.core")
     row = first_row()[0][0]
-    causal = mlx_backend(load_train(TRAIN_PY, TINY))
+    causal = mlx_backend()
     assert leak_probe(causal.eval_logits, row, V) is None
-    peeking = mlx_backend(load_train(TRAIN_PY, TINY))
+    peeking = mlx_backend()
     # An edit that drops the attention mask: every position attends to every token of the row.
     peeking.model._masks = {w: mx.zeros((T, T), dtype=mx.bfloat16) for w in peeking.model._masks}
     reason = leak_probe(peeking.eval_logits, row, V)
@@ -108,9 +109,7 @@ def test_mlx_leak_probe_passes_the_model_and_catches_attention_without_a_mask():
 # --- cuda backend (PyTorch on the CPU) ----------------------------------------------------------
 def torch_backend(seed=0):
     torch = pytest.importorskip("torch")
-    from mlx_ar.backends.cuda.backend import CudaBackend
-
-    b = CudaBackend(TRAIN_PY, compile_mode="none")
+    b = get_backend("cuda", TRAIN_PY)          # on the CPU: eager PyTorch
     b.configure_memory()
     b.build(recipe_of(TINY), V, T, seed=seed)
     torch.manual_seed(seed)
