@@ -13,6 +13,7 @@ something deserves attention) or `fail` (a run would fail); the last line is the
 Every probe of the machine is a field of `Probes`, so tests pass small fakes; the memory
 estimate is one of them (`need_gb(recipe, profile)`), to be swapped for a better one.
 """
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,9 +93,11 @@ def probe_module(name: str) -> str | None:
 
 
 def probe_memory_bytes() -> int | None:
-    from .harness.hardware import total_memory_bytes
-
-    return total_memory_bytes()
+    """Physical memory of this machine (Linux and macOS both answer sysconf), or None."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def rough_need_gb(recipe: dict, profile) -> float | None:

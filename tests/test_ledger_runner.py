@@ -7,7 +7,7 @@ import time
 import pytest
 
 from _ledger_fakes import pid_alive
-from mlx_ar.harness.summary import build_record, format_summary, write_record
+from mlx_ar.harness.summary import SUMMARY_KEYS, build_record, format_summary, write_record
 from mlx_ar.ledger.runner import (ChildResult, assess, exception_from_log, fail_reason_from_log, looks_like_oom,
                                   run_child)
 
@@ -69,8 +69,9 @@ def _record(path, status="ok", reason=None, metrics=METRICS):
 
 
 def _summary(**over):
-    return format_summary({**METRICS, **over, "backend": "mlx", "device": "X", "profile": "demo", "budget": "1 s",
-                           "seed": 1, "contract": "c", "record": "run.json"})
+    # Every summary key (None prints `unknown`), so keys added to the block later need no edit here.
+    return format_summary({**dict.fromkeys(SUMMARY_KEYS), **METRICS, **over, "backend": "mlx", "device": "X",
+                           "profile": "demo", "budget": "1 s", "seed": 1, "contract": "c", "record": "run.json"})
 
 
 def _judge(tmp_path, log_text, rc=0, timed_out=False, record=None):
