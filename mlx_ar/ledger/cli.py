@@ -4,7 +4,8 @@ Everything heavy (GitPython, the loop) is imported inside the commands so `mlx-a
 stays instant. Settings come from campaign.toml (see mlx_ar.ledger.campaign); the options
 here default to None and only override the file when given.
 
-Exit codes of `mlx-ar run`: 0 keep or discard, 1 crash, 2 refused, 130 interrupted.
+Exit codes of `mlx-ar run`: 0 keep or discard, 1 crash, 2 refused, 130 interrupted (SIGINT,
+SIGTERM or SIGHUP: the attempt is recorded as a crash and train.py restored first).
 """
 import json
 import sys
