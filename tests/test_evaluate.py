@@ -210,6 +210,18 @@ def test_leak_probe_passes_a_causal_model_and_catches_look_ahead():
     assert reason.startswith("leak: ") and "of a 4-token row" in reason
 
 
+def test_leak_probe_tells_kernel_noise_from_look_ahead():
+    rng = np.random.default_rng(5)
+
+    def noisy(fn, sd):
+        """fn with independent noise on every row of every call, as nondeterministic kernels give."""
+        return lambda x: fn(x) + rng.normal(0, sd, size=x.shape + (V,)).astype(np.float32)
+
+    row = next(val_batches(FakeDataset(PROFILE).table, 1, 32))[0][0]
+    assert leak_probe(noisy(causal_logits, 0.05), row, V) is None
+    assert leak_probe(noisy(peeking_logits, 0.01), row, V).startswith("leak: ")
+
+
 def test_check_causal_raises_on_the_first_validation_row():
     check_causal(causal_logits, FakeDataset(PROFILE))
     with pytest.raises(LeakDetected, match="^leak: "):
