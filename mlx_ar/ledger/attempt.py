@@ -27,6 +27,7 @@ from ..harness.summary import utc_timestamp
 from . import git_ops, policy, ratchet, receipts as rc
 from .campaign import data_profile
 from .context import EXIT_CODES, EXIT_INTERRUPTED, Interrupted, open_context, shielded, worker_env
+from .format import sanitize
 from .gate import GateSettings, Verdict, decide, floor_of, gate_kind, gate_note, mean
 from .ledger import champion, samples_of, usual_rate, variance_groups
 from .runner import RunOutcome, assess, run_child
@@ -240,7 +241,7 @@ def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=
     ctx = open_context(root)
     dataset, profile, _problem = data_profile(campaign)
     c = campaign.for_profile(profile)
-    d = rc.Draft(policy_description(description), now(), c.seed if seed is None else int(seed))
+    d = rc.Draft(sanitize(description), now(), c.seed if seed is None else int(seed))
     if profile is not None:
         d.profile = {"name": profile.name, "dataset": dataset, "overrides": dict(profile.recipe_overrides)}
     repaired = ctx.ledger.repair()
@@ -275,7 +276,7 @@ def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=
     if parent is not None:  # a commit made by hand on the ledger is the candidate
         d.base, d.base_files = parent, git_ops.read_commit(ctx.repo, parent, c.mutable)
         if not d.description:
-            d.description = policy_description(git_ops.commit_info(ctx.repo, head)["message"])
+            d.description = sanitize(git_ops.commit_info(ctx.repo, head)["message"])
     champ = champion(receipts, c.objective, c.sign, c.allow_smoke)
     ref_files = git_ops.read_commit(ctx.repo, champ["commit"], c.mutable) if champ else d.base_files
     why = (policy.already_scored_reason(receipts, worktree, c)
@@ -313,8 +314,3 @@ def run_experiment(root, description: str, campaign, *, runner=run_child, sleep=
         if result is not None:
             return result
 
-
-def policy_description(text: str) -> str:
-    from .format import sanitize
-
-    return sanitize(text)
