@@ -64,3 +64,41 @@ def test_group_signal_mid_training_records_crash_restores_and_exits_130(repo, tm
     assert not pid_alive(child)
     assert_consistent(repo)
 
+
+
+def test_closing_the_terminal_mid_training_records_crash_and_exits_130(repo, tmp_path):
+    """A real pseudo-terminal: the loop is its session leader, the terminal closes (SIGHUP)."""
+    import pty
+
+    champion_train = (repo / "train.py").read_bytes()
+    edit(repo, VALUE=0.5, SLEEP=60.0)
+    pid_file = tmp_path / "child.pid"
+    env = dict(os.environ, FAKE_PID_FILE=str(pid_file))
+    pid, master = pty.fork()
+    if pid == 0:  # the child: `mlx-ar run` on the terminal, as a user types it
+        os.chdir(repo)
+        os.execve(sys.executable, [sys.executable, "-m", "mlx_ar.cli", "run", "-m", "slow edit"], env)
+    try:
+        child = _wait_for(pid_file)
+        time.sleep(0.3)
+        os.close(master)  # the terminal window closes
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("mlx-ar run did not stop after the terminal closed")
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert os.waitstatus_to_exitcode(status) == 130
+    last = receipts(repo)[-1]
+    assert (last["status"], last["reason"]) == ("crash", "interrupted")
+    assert (repo / "train.py").read_bytes() == champion_train
+    assert list((repo / ".git" / "mlx-ar" / "in-flight").glob("*.json")) == []
+    assert not pid_alive(child)
+    assert_consistent(repo)

@@ -26,14 +26,21 @@ def _echo_err(text):
     try:
         click.echo(text, err=True)
     except OSError:  # the terminal is gone (SIGHUP): the ledger still records everything
-        pass
+        _detach_from_terminal()
 
 
 def _echo_out(text):
     try:
         click.echo(text)
     except OSError:
-        pass
+        _detach_from_terminal()
+
+
+def _detach_from_terminal():
+    """Send further output nowhere: a closed terminal must not turn exit 130 into a flush error."""
+    import os
+
+    sys.stdout = sys.stderr = open(os.devnull, "w")
 
 
 def _stop_signals_interrupt():
