@@ -2,8 +2,8 @@
 
 A terminal's Ctrl-C sends SIGINT to every process of the foreground group, closing the
 terminal sends SIGHUP, a supervisor sends SIGTERM. The loop runs as a real `mlx-ar run`
-process in a group of its own here (start_new_session), and the group gets the signal while
-the fake train.py is training. Every case must end as the program.md promises: a crash
+process, in a group of its own that gets the signal (os.killpg), or on a real pseudo-terminal
+where Ctrl-C is typed or which closes, while the fake train.py is training. Every case must end as the program.md promises: a crash
 receipt and row with reason `interrupted`, train.py back at the champion, exit 130, no
 in-flight marker, the training child gone.
 """
@@ -66,8 +66,9 @@ def test_group_signal_mid_training_records_crash_restores_and_exits_130(repo, tm
 
 
 
-def test_closing_the_terminal_mid_training_records_crash_and_exits_130(repo, tmp_path):
-    """A real pseudo-terminal: the loop is its session leader, the terminal closes (SIGHUP)."""
+@pytest.mark.parametrize("action", ["ctrl-c", "close"])
+def test_terminal_ctrl_c_or_close_mid_training_records_crash_and_exits_130(repo, tmp_path, action):
+    """A real pseudo-terminal: the loop runs on it as typed; Ctrl-C is typed, or the terminal closes."""
     import pty
 
     champion_train = (repo / "train.py").read_bytes()
@@ -78,10 +79,23 @@ def test_closing_the_terminal_mid_training_records_crash_and_exits_130(repo, tmp
     if pid == 0:  # the child: `mlx-ar run` on the terminal, as a user types it
         os.chdir(repo)
         os.execve(sys.executable, [sys.executable, "-m", "mlx_ar.cli", "run", "-m", "slow edit"], env)
+    shown = b""
     try:
         child = _wait_for(pid_file)
         time.sleep(0.3)
-        os.close(master)  # the terminal window closes
+        if action == "ctrl-c":
+            os.write(master, b"\x03")  # the line discipline sends SIGINT to the foreground group
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal's last descriptor
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            os.close(master)
+        else:
+            os.close(master)  # the terminal window closes: SIGHUP
         end = time.monotonic() + 60
         while time.monotonic() < end:
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -89,13 +103,15 @@ def test_closing_the_terminal_mid_training_records_crash_and_exits_130(repo, tmp
                 break
             time.sleep(0.1)
         else:
-            raise AssertionError("mlx-ar run did not stop after the terminal closed")
+            raise AssertionError("mlx-ar run did not stop")
     finally:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     assert os.waitstatus_to_exitcode(status) == 130
+    if action == "ctrl-c":
+        assert b"status:       crash" in shown and b"interrupted" in shown, shown[-2000:]
     last = receipts(repo)[-1]
     assert (last["status"], last["reason"]) == ("crash", "interrupted")
     assert (repo / "train.py").read_bytes() == champion_train
