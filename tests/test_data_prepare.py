@@ -331,3 +331,25 @@ def test_cli_climbmix_reports_a_failed_download(data_cache, tmp_path, shard_serv
     assert "shard_06542.parquet" in res.output and "HTTP 404" in res.output
     raw = paths.dataset_dir("climbmix") / "raw"
     assert sorted(f.name for f in raw.iterdir()) == [climbmix_shard_name(0)], "the good shard is kept for resuming"
+
+
+def test_a_validation_split_too_small_for_both_walks_keeps_validation_whole(corpus_dir, tmp_path):
+    from dataclasses import replace
+
+    from mlx_ar.data.walk import heldout_rows
+    from mlx_ar.evaluate import contract_fingerprint
+
+    # 226 validation documents, each longer than a row: 200 rows for validation fit, 33 more do not.
+    profile = replace(TINY_PROFILE, eval_tokens=64 * 200)
+    m = prepare_dataset(local_source(corpus_dir), tmp_path / "small", profile, log=lambda msg: None)
+    assert "heldout" not in m["splits"] and "cannot fill both" in m["heldout_walk"]["missing"]
+    ds = Dataset(tmp_path / "small")
+    assert ds.heldout_missing.startswith("dataset 'small' has no held-out split") and heldout_rows(profile) == 33
+    assert contract_fingerprint(ds)[1]["heldout"] is None
+    with pytest.raises(DataError, match="no held-out split"):
+        ds.split_table("heldout")
+    # With room for both, the held-out documents leave the validation split.
+    full = prepare_dataset(local_source(corpus_dir), tmp_path / "both", TINY_PROFILE, log=lambda msg: None)
+    held, val = full["splits"]["heldout"], full["splits"]["val"]
+    assert val["tokens"] + held["tokens"] == m["splits"]["val"]["tokens"]
+    assert val["docs"] + held["docs"] == m["splits"]["val"]["docs"]

@@ -6,7 +6,8 @@
 
 Modules: sources (climbmix / local / demo text), download (resumable shard fetch),
 tokenizer (rustbpe + tiktoken, no pickle), shards (uint16 token files), loader (best-fit
-packing + prefetch), dataset (open_dataset), prepare (the pipeline and `mlx-ar prepare`),
+packing + prefetch), walk (the scored validation and held-out walks and their digests),
+dataset (open_dataset), prepare (the pipeline and `mlx-ar prepare`),
 bench (loader throughput). Importing this package loads neither numpy nor pyarrow.
 """
 from .errors import DataError, DownloadError
