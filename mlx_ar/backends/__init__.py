@@ -1,8 +1,8 @@
 """Backends: the small interface through which the shared harness drives a device.
 
 A backend owns everything device-specific: building the model and optimizer from the recipe,
-the compiled training step, per-token evaluation losses, synchronization, memory and the
-device's peak FLOP/s. No other module names a device or imports mlx/torch for training.
+the compiled training step, the model's evaluation logits and the fixed cross-entropy of
+them, synchronization, memory and the device's peak FLOP/s. No other module names a device or imports mlx/torch for training.
 
     backend = get_backend("mlx", "train.py")     # or "cuda"; recipe overrides optional
     backend.build(recipe, vocab_size, seq_len, seed)
