@@ -238,7 +238,7 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def logits(self, idx):
-        """float32 logits (B, T, V), soft-capped."""
+        """Soft-capped float32 logits (B, T, V): what evaluation scores; position t sees tokens <= t only."""
         z = self.lm_head(self.hidden(idx)).astype(mx.float32)
         return LOGIT_SOFTCAP * mx.tanh(z / LOGIT_SOFTCAP)
 
