@@ -28,7 +28,7 @@ X0_LAMBDA_INIT = 0.1               # per-layer mix of the first-layer input into
 
 # --- batch ----------------------------------------------------------------------------------
 TOTAL_BATCH_SIZE = 2**16           # tokens per optimizer step
-DEVICE_BATCH_SIZE = 16             # rows per micro-batch (gradient accumulation fills the rest)
+DEVICE_BATCH_SIZE = "auto"         # rows per micro-batch; "auto": the most that fit this machine (accumulation fills the rest)
 
 # --- optimizer ------------------------------------------------------------------------------
 OPTIMIZER = "muon"                 # "muon" (Muon for block matrices + AdamW) or "adamw" (AdamW for all)
@@ -68,6 +68,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 DTYPE = mx.bfloat16                # weights and residual stream; logits and loss in float32
 NS_DTYPE = mx.bfloat16             # Newton-Schulz runs in bf16 (as in the reference Muon); tests use float32
+LOSS_CHUNK_TOKENS = 128           # tokens per slice of the loss head (its float32 logits: 4 MiB at vocab 8192)
 
 
 @dataclass(frozen=True)
@@ -247,31 +248,65 @@ class GPT(nn.Module):
 
     def token_losses(self, idx, targets):
         """Per-token cross-entropy in nats, float32 (B, T)."""
-        return softcap_cross_entropy(self.lm_head(self.hidden(idx)), targets)
+        return chunked_cross_entropy(self.hidden(idx), self.lm_head.weight, targets)
 
 
-@mx.custom_function
 def softcap_cross_entropy(z, targets):
-    """Cross-entropy (nats, float32) of soft-capped logits, from the raw bf16 logits z (B, T, V).
-
-    The hand-written gradient keeps only z alive for the backward pass and rebuilds the
-    log-partition from the loss, so the backward is one fused pass over z (read bf16, write
-    bf16) instead of several float32 copies of the logits and a separate softmax.
-    """
+    """Cross-entropy (nats, float32) of soft-capped logits, from the raw logits z (..., V): the plain
+    formula that chunked_cross_entropy computes in slices."""
     zc = LOGIT_SOFTCAP * mx.tanh(z.astype(mx.float32) / LOGIT_SOFTCAP)
     return mx.logsumexp(zc, axis=-1) - mx.take_along_axis(zc, targets[..., None], axis=-1)[..., 0]
 
 
-@softcap_cross_entropy.vjp
-def _softcap_cross_entropy_vjp(primals, cotangent, output):
-    z, targets = primals
-    # log-partition = loss + capped target logit (recomputed from the one gathered bf16 value per row)
-    zt = mx.take_along_axis(z, targets[..., None], axis=-1).astype(mx.float32)
-    lse = output[..., None] + LOGIT_SOFTCAP * mx.tanh(zt / LOGIT_SOFTCAP)
+def chunked_cross_entropy(h, w, targets):
+    """softcap_cross_entropy(h @ w.T, targets), float32 (B, T), LOSS_CHUNK_TOKENS tokens at a time.
+
+    h: (B, T, d) hidden states, w: (V, d) lm_head weight. Each slice's loss and its gradient
+    w.r.t. the logits (for a unit cotangent, bf16) are computed together while the slice's float32
+    logits exist, so only those bf16 gradients outlive the forward: the whole float32 logits and
+    their gradient never exist at once (197 MiB of a 2048-token step's peak).
+    """
+    flat, t = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    hs, ws = mx.stop_gradient(flat), mx.stop_gradient(w)
+    losses, dz = [], []
+    for i in range(0, t.size, LOSS_CHUNK_TOKENS):
+        rows = hs[i:i + LOSS_CHUNK_TOKENS]
+        if dz:  # slices run one after another; else the scheduler may keep every slice's logits alive
+            rows = mx.depends(rows, [losses[-1], dz[-1]])
+        loss, g = _softcap_loss_and_grad(rows @ ws.T, t[i:i + LOSS_CHUNK_TOKENS])
+        losses.append(mx.depends(loss, g))
+        dz.append(g)
+    return _head_with_grad(flat, w, mx.concatenate(losses), *dz).reshape(targets.shape)
+
+
+def _softcap_loss_and_grad(z, targets):
+    """Per-row loss of soft-capped logits z (N, V) and d loss / d z (bf16) in one pass over z."""
     th = mx.tanh(z.astype(mx.float32) / LOGIT_SOFTCAP)
-    onehot = mx.arange(z.shape[-1]) == targets[..., None]
-    dz = cotangent[..., None] * (mx.exp(LOGIT_SOFTCAP * th - lse) - onehot) * (1 - th * th)
-    return dz.astype(z.dtype), mx.zeros_like(targets)
+    zc = LOGIT_SOFTCAP * th
+    lse = mx.logsumexp(zc, axis=-1, keepdims=True)
+    loss = lse[:, 0] - mx.take_along_axis(zc, targets[:, None], axis=-1)[:, 0]
+    onehot = mx.arange(z.shape[-1]) == targets[:, None]
+    return loss, ((mx.exp(zc - lse) - onehot) * (1 - th * th)).astype(z.dtype)
+
+
+@mx.custom_function
+def _head_with_grad(h, w, losses, *dz):
+    """`losses` as the loss of h @ w.T whose gradient w.r.t. the logits is dz (unit cotangent, by slice)."""
+    return losses
+
+
+@_head_with_grad.vjp
+def _head_with_grad_vjp(primals, cotangent, output):
+    h, w, losses, *dz = primals
+    # d/dz of sum(cot * loss) is cot * dz per row; scaling the thin side keeps it off the V axis.
+    ch = cotangent[:, None].astype(h.dtype) * h
+    dh, dw, i = [], mx.zeros(w.shape, mx.float32), 0
+    for g in dz:
+        n = g.shape[0]
+        dh.append(cotangent[i:i + n, None].astype(h.dtype) * (g @ w))
+        dw = dw + (g.T @ ch[i:i + n]).astype(mx.float32)
+        i += n
+    return (mx.concatenate(dh), dw.astype(w.dtype), mx.zeros_like(losses), *(mx.zeros_like(g) for g in dz))
 
 
 def build_model(vocab_size, seq_len):

@@ -123,6 +123,7 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
     from .harness.hardware import mfu_percent
     from .harness.loop import train_loop
     from .harness.main import micro_batches
+    from .harness.memory import MIB, fit_micro_batch
     from .harness.schedules import Schedule
     from .harness.summary import kernel_line
     from .recipe import apply_recipe, batch_geometry, parse_recipe
@@ -134,8 +135,10 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
     backend = get_backend(backend_name, train_file, overrides)
     backend.configure_memory()
     T, V = profile.max_seq_len, profile.vocab_size
-    rows, n_micro, device_rows = batch_geometry(recipe, T)
     backend.build(recipe, V, T, seed)
+    plan = fit_micro_batch(backend, recipe, T)       # "auto" resolved, an explicit batch checked
+    rows, n_micro, device_rows = batch_geometry({**recipe, "DEVICE_BATCH_SIZE": plan.device_rows}, T)
+    backend.configure_memory()                       # the peak counter starts again at the steps
     if dataset is not None:
         batches = micro_batches(dataset.train_batches(rows, T, seed=seed), n_micro, device_rows)
     else:
@@ -146,7 +149,7 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
         echo(f"bench: {backend.name} on {backend.device_name()} | {backend.num_params / 1e6:.2f}M params | "
              f"{rows * T:,} tokens/step ({n_micro} x {device_rows} x {T}) | vocab {V}")
     times = []
-    clock = BudgetClock(1e9, warmup_steps=max(warmup, getattr(backend, "warmup_steps", 1)))
+    clock = BudgetClock(1e9, warmup_steps=max(warmup, backend.warmup_steps))
     if progress is not None:
         progress.start(clock.warmup_steps, steps)
 
@@ -159,6 +162,7 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
                         max_steps=clock.warmup_steps + steps)
     compile_s = result.warmup_seconds
     step_s = float(np.median(times))
+    peak_mb = backend.peak_memory_mb()              # before time_optimizer's stand-in gradients
     opt_s = backend.time_optimizer()
     tok_s = rows * T / step_s
     figures = {
@@ -169,14 +173,26 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
         "ms_per_step_mean": round(float(np.mean(times)) * 1e3, 2), "tok_per_sec": round(tok_s),
         "optimizer_ms": round(opt_s * 1e3, 2), "optimizer_share_percent": round(100 * opt_s / step_s, 1),
         "mfu_percent": mfu_percent(backend.flops_per_token, tok_s, backend.peak_flops()),
-        "peak_memory_mb": round(backend.peak_memory_mb(), 1), "versions": backend.versions(),
+        "peak_memory_mb": round(peak_mb, 1), "device_batch_size": device_rows, "device_batch_auto": plan.auto,
+        # Held between steps and added per row at a step's peak, measured at one row (None: not measured).
+        "step_held_mb": None if plan.fixed_bytes is None else round(plan.fixed_bytes / MIB, 1),
+        "step_row_mb": None if plan.row_bytes is None else round(plan.row_bytes / MIB, 1),
+        "memory_budget_gb": None if plan.budget_bytes is None else round(plan.budget_bytes / 2**30, 2),
+        "versions": backend.versions(),
     }
+    # The figure of the issue: a step's peak over what is held between steps, per row of a micro-batch.
+    figures["peak_mb_per_row"] = (None if plan.fixed_bytes is None
+                                  else round((peak_mb - plan.fixed_bytes / MIB) / device_rows, 1))
     if echo:
         mfu = "unknown" if figures["mfu_percent"] is None else f"{figures['mfu_percent']:.1f}%"
         echo(f"warmup {figures['warmup_seconds']} s | {figures['ms_per_step']} ms/step (median of {steps}) | "
              f"{figures['tok_per_sec']:,} tok/s | mfu {mfu}")
         echo(f"optimizer {figures['optimizer_ms']} ms = {figures['optimizer_share_percent']}% of a step | "
              f"peak memory {figures['peak_memory_mb']:,} MB")
+        echo(f"memory: {plan.describe()}")
+        if figures["peak_mb_per_row"] is not None:
+            echo(f"step peak {figures['peak_mb_per_row']:,} MB per {T}-token row above "
+                 f"{figures['step_held_mb']:,} MB held ({n_micro} micro-batches of {device_rows})")
         kernels = kernel_line(figures["versions"])
         if kernels:
             echo(kernels)

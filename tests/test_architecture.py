@@ -102,10 +102,7 @@ def _upward_edges():
 
 # Modules that still import a higher floor while their owners move them; each entry must still
 # be upward (strict), so the list cannot outlive the move.
-PENDING = {
-    "mlx_ar.backends.mlx_backend": "the MLX backend moves harness.hardware's Apple tables and "
-                                   "harness.memory's Metal limits into backends/mlx",
-}
+PENDING = {}
 
 
 def test_imports_point_down_the_floors():
@@ -152,7 +149,6 @@ def test_callers_use_only_what_the_protocol_lists():
     assert missing == {}
 
 
-@pytest.mark.xfail(strict=True, reason="MLXBackend does not declare warmup_steps yet (the MLX backend's move)")
 def test_callers_probe_nothing_with_getattr():
     probing = [rel for rel in CALLERS if "getattr(backend" in (PACKAGE / rel).read_text()]
     assert probing == []

@@ -1,18 +1,21 @@
-"""Peak FLOP/s tables, Apple chip detection with fake command outputs, MFU, machine memory."""
+"""Peak FLOP/s tables (Apple in backends/mlx/chips, NVIDIA in backends/cuda/hardware), Apple chip
+detection with fake command outputs, MFU, and the machine's memory."""
 import subprocess
 from types import SimpleNamespace
 
 import pytest
 
-from mlx_ar.harness.hardware import (
-    APPLE_GPU_CORES, APPLE_PEAK_FLOPS, apple_device_name, detect_apple_chip, mfu_percent,
-    nvidia_peak_flops, parse_apple_chip, peak_flops, total_memory_bytes,
+from mlx_ar.backends.cuda.hardware import nvidia_peak_flops
+from mlx_ar.backends.mlx.chips import (
+    APPLE_GPU_CORES, APPLE_PEAK_FLOPS, apple_device_name, apple_peak_flops, detect_apple_chip, parse_apple_chip,
 )
+from mlx_ar.backends.mlx.memory import total_memory_bytes
+from mlx_ar.harness.hardware import mfu_percent
 
 
 # --- Apple table -----------------------------------------------------------------------------
-def test_apple_table_covers_m1_to_m4_in_every_tier():
-    for gen in ("M1", "M2", "M3", "M4"):
+def test_apple_table_covers_m1_to_m5_in_every_tier():
+    for gen in ("M1", "M2", "M3", "M4", "M5"):
         for tier in ("", " Pro", " Max"):
             assert gen + tier in APPLE_GPU_CORES
     for chip in ("M1 Ultra", "M2 Ultra", "M3 Ultra"):
@@ -34,7 +37,16 @@ def test_apple_peak_scales_with_cores_within_a_family():
     assert APPLE_PEAK_FLOPS[("M4 Max", 40)] > APPLE_PEAK_FLOPS[("M3 Max", 40)]
 
 
+def test_m5_has_a_peak_with_its_matrix_units():
+    # MFU printed `unknown` on M5 Macs; Apple states over 4x M4's peak GPU compute for AI.
+    assert apple_peak_flops("Apple M5", 10) == pytest.approx(4 * APPLE_PEAK_FLOPS[("M4", 10)])
+    assert apple_peak_flops("Apple M5 Max (40-core GPU)") == pytest.approx(4 * APPLE_PEAK_FLOPS[("M4 Max", 40)])
+    assert detect_apple_chip(run=fake_run({"sysctl": "Apple M5 Pro\n", "ioreg": '"gpu-core-count" = 20'})) == \
+        ("Apple M5 Pro", 20)
+
+
 def test_peak_flops_from_apple_names():
+    peak_flops = apple_peak_flops
     assert peak_flops("Apple M4 Max", 40) == APPLE_PEAK_FLOPS[("M4 Max", 40)]
     assert peak_flops("Apple M4 Max (40-core GPU)") == APPLE_PEAK_FLOPS[("M4 Max", 40)]
     assert peak_flops(apple_device_name("Apple M1 Pro", 14)) == APPLE_PEAK_FLOPS[("M1 Pro", 14)]
@@ -136,12 +148,11 @@ def test_detect_apple_chip_off_apple_silicon(outputs):
 ])
 def test_nvidia_peaks(name, tflops):
     assert nvidia_peak_flops(name) == pytest.approx(tflops * 1e12)
-    assert peak_flops(name) == pytest.approx(tflops * 1e12)
 
 
 @pytest.mark.parametrize("name", ["NVIDIA A10G", "Tesla T4", "Tesla V100-SXM2-16GB", "cpu", "AMD EPYC", "", None])
 def test_unknown_devices_have_no_peak(name):
-    assert peak_flops(name) is None
+    assert nvidia_peak_flops(name) is None and apple_peak_flops(name) is None
 
 
 # --- MFU and memory --------------------------------------------------------------------------
@@ -158,3 +169,32 @@ def test_total_memory_bytes_linux_and_macos():
     assert total_memory_bytes(run=run, platform="darwin") == 64 * (1 << 30)
     assert total_memory_bytes(run=fake_run({"sysctl": None}), platform="darwin") is None
     assert total_memory_bytes() > 0  # this machine
+
+
+# --- a Mac through the night -----------------------------------------------------------------
+def test_keep_awake_ties_caffeinate_to_our_process_on_macos_only():
+    from mlx_ar.backends.mlx.power import keep_awake
+
+    started = []
+    popen = lambda cmd, **kw: started.append(cmd) or "child"          # noqa: E731
+    assert keep_awake(pid=4242, platform="darwin", which=lambda n: "/usr/bin/" + n, popen=popen) == "child"
+    assert started == [["/usr/bin/caffeinate", "-i", "-w", "4242"]]   # idle sleep held until pid 4242 exits
+    assert keep_awake(platform="linux", which=lambda n: "/usr/bin/" + n, popen=popen) is None
+    assert keep_awake(platform="darwin", which=lambda n: None, popen=popen) is None
+    assert len(started) == 1
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("Now drawing from 'Battery Power'\n -InternalBattery-0 (id=1)\t83%; discharging; 4:01 remaining present: true\n",
+     {"on_battery": True, "percent": 83}),
+    ("Now drawing from 'AC Power'\n -InternalBattery-0 (id=1)\t100%; charged; 0:00 remaining present: true\n",
+     {"on_battery": False, "percent": 100}),
+    ("Now drawing from 'AC Power'\n", {"on_battery": False, "percent": None}),       # a Mac mini
+    (None, None),
+])
+def test_battery_status_from_pmset(output, expected):
+    from mlx_ar.backends.mlx.power import battery_status
+
+    run = fake_run({"pmset": output})
+    assert battery_status(platform="darwin", run=run) == expected
+    assert battery_status(platform="linux", run=run) is None

@@ -194,8 +194,8 @@ def test_demo_run_loss_falls_and_summary_and_record_agree(demo_cache, tmp_path, 
 def test_nan_loss_fails_fast_with_record(demo_cache, tmp_path):
     # A copy of train.py whose loss is NaN from the first step.
     src = TRAIN_PY.read_text().replace(
-        "return softcap_cross_entropy(self.lm_head(self.hidden(idx)), targets)",
-        "return softcap_cross_entropy(self.lm_head(self.hidden(idx)), targets) * float('nan')")
+        "return chunked_cross_entropy(self.hidden(idx), self.lm_head.weight, targets)",
+        "return chunked_cross_entropy(self.hidden(idx), self.lm_head.weight, targets) * float('nan')")
     assert "float('nan')" in src
     (tmp_path / "train.py").write_text(src)
     (tmp_path / "mlx_ar").symlink_to(ROOT / "mlx_ar", target_is_directory=True)

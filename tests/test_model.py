@@ -231,21 +231,27 @@ def test_training_steps_reduce_loss(t):
     assert loss.item() < first - 1.0
 
 
-def test_softcap_cross_entropy_gradient_matches_autodiff(t):
+@pytest.mark.parametrize("chunk", [7, 16, 1000])   # slices that do not divide the rows, that do, one slice
+def test_chunked_cross_entropy_matches_the_plain_formula(t, chunk, monkeypatch):
+    monkeypatch.setitem(vars(t), "LOSS_CHUNK_TOKENS", chunk)
     rng = np.random.default_rng(0)
-    z = mx.array((4 * rng.standard_normal((2, 5, 50))).astype(np.float32)).astype(mx.bfloat16)
-    y = mx.array(rng.integers(0, 50, (2, 5)))
-    w = mx.array(rng.standard_normal((2, 5)).astype(np.float32))
+    h = mx.array(rng.standard_normal((2, 25, 24)).astype(np.float32)).astype(mx.bfloat16)
+    w = mx.array((0.5 * rng.standard_normal((50, 24))).astype(np.float32)).astype(mx.bfloat16)
+    y = mx.array(rng.integers(0, 50, (2, 25)))
+    cot = mx.array(rng.standard_normal((2, 25)).astype(np.float32))   # not a mean: per-token weights
 
-    def plain(z):  # the textbook formula, differentiated by MLX
-        zc = t.LOGIT_SOFTCAP * mx.tanh(z.astype(mx.float32) / t.LOGIT_SOFTCAP)
+    def plain(h, w):  # the textbook formula on whole logits, differentiated by MLX
+        zc = t.LOGIT_SOFTCAP * mx.tanh((h @ w.T).astype(mx.float32) / t.LOGIT_SOFTCAP)
         return mx.logsumexp(zc, axis=-1) - mx.take_along_axis(zc, y[..., None], axis=-1)[..., 0]
 
-    np.testing.assert_allclose(np.array(t.softcap_cross_entropy(z, y)), np.array(plain(z)), atol=1e-5)
-    g_ref = mx.grad(lambda z: (plain(z) * w).sum())(z).astype(mx.float32)
-    g = mx.grad(lambda z: (t.softcap_cross_entropy(z, y) * w).sum())(z).astype(mx.float32)
-    np.testing.assert_allclose(np.array(g), np.array(g_ref), atol=1e-2)
-    assert mx.abs(g_ref).max().item() > 0.1
+    np.testing.assert_allclose(np.array(t.chunked_cross_entropy(h, w, y)), np.array(plain(h, w)), atol=1e-5)
+    np.testing.assert_allclose(np.array(t.softcap_cross_entropy(h @ w.T, y)), np.array(plain(h, w)), atol=1e-5)
+    grads = mx.grad(lambda h, w: (t.chunked_cross_entropy(h, w, y) * cot).sum(), argnums=(0, 1))(h, w)
+    refs = mx.grad(lambda h, w: (plain(h, w) * cot).sum(), argnums=(0, 1))(h, w)
+    for g, ref in zip(grads, refs):
+        g, ref = np.array(g.astype(mx.float32)), np.array(ref.astype(mx.float32))
+        np.testing.assert_allclose(g, ref, atol=0.02 * np.abs(ref).max())
+        assert np.abs(ref).max() > 0.1
 
 
 def test_embedding_gradient_accumulates_repeated_tokens_in_float32(t):

@@ -29,6 +29,8 @@ class Backend(Protocol):
     def device_name(self) -> str: ...
     def peak_flops(self) -> float | None: ...        # dense bf16 FLOP/s, None if unknown
     def configure_memory(self) -> None: ...          # before build(): memory limits, peak counters reset
+    def memory_budget(self) -> int | None: ...       # bytes a step may use on this machine; None if unknown
+    def step_memory(self, seq_len: int) -> tuple[int, int] | None: ...  # after build(): measured (held, per-row) bytes
     def build(self, recipe: dict, vocab_size: int, seq_len: int, seed: int) -> None: ...
     def set_hyper(self, lr_mult: float, muon_momentum: float, weight_decay: float) -> None: ...
     def step(self, inputs: np.ndarray, targets: np.ndarray) -> Any: ...
@@ -55,7 +57,7 @@ def get_backend(name: str, train_file, overrides: dict | None = None) -> Backend
     if name == "mlx":
         _require("mlx.core", "mlx", name)
         from ..recipe import load_train
-        from .mlx_backend import MLXBackend
+        from .mlx.backend import MLXBackend
         return MLXBackend(vars(load_train(train_file, overrides)))
     if name == "cuda":
         _require("torch", "cuda", name)

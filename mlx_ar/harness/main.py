@@ -146,7 +146,7 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     from .clock import BudgetClock
     from .hardware import mfu_percent
     from .loop import train_loop
-    from .memory import GcControl
+    from .memory import GcControl, fit_micro_batch
     from .schedules import Schedule
     from .summary import FastFail, budget_label, file_hashes, kernel_line, overrides_text
 
@@ -172,9 +172,12 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     fields["versions"] = backend.versions()
     backend.configure_memory()
     seq_len = profile.max_seq_len
-    rows, n_micro, device_rows = batch_geometry(recipe, seq_len)
-    tokens_per_step = rows * seq_len
     backend.build(recipe, ds.vocab_size, seq_len, seed)
+    plan = fit_micro_batch(backend, recipe, seq_len)   # DoesNotFit ends the run here, before any step
+    rows, n_micro, device_rows = batch_geometry({**recipe, "DEVICE_BATCH_SIZE": plan.device_rows}, seq_len)
+    tokens_per_step = rows * seq_len
+    fields["metrics"]["device_batch_size"] = device_rows
+    print(f"memory: {plan.describe()}", flush=True)
     fields["versions"] = backend.versions()      # again: build adds the kernels it chose
     kernels = kernel_line(fields["versions"])
     if kernels:
@@ -188,7 +191,7 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
           f"{tokens_per_step:,} tokens/step = {n_micro} x {device_rows} rows x {seq_len} | seed {seed}", flush=True)
 
     batches = micro_batches(ds.train_batches(rows, seq_len, seed=seed), n_micro, device_rows)
-    clock = BudgetClock(budget, warmup_steps=getattr(backend, "warmup_steps", 1))
+    clock = BudgetClock(budget, warmup_steps=backend.warmup_steps)
     progress = _Progress(backend, tokens_per_step, peak)
     gc_control = GcControl()
     startup = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Memory housekeeping for training on unified memory: Python's gc, and Metal's limits.
+"""Memory housekeeping for training: Python's gc, and fitting a step's micro-batch to the memory budget.
 
 Python's cyclic gc walks every tracked object; during training that is pure overhead with
 pauses of tens of ms at random steps, which shows up as timing noise in a 5-minute budget.
@@ -12,13 +12,14 @@ collects explicitly every `collect_every` steps so that a slow leak still gets c
         gcc.after_step(step)       # step counts finished steps: 1 after the first
     gcc.restore()
 
-On a Mac, `metal_memory_limits` sizes MLX's wired limit (memory kept resident, so the GPU
-never waits for pages) and its buffer cache from the machine's memory, and
-`apply_metal_limits(mx, limits)` sets them; off Metal it does nothing.
+`plan_device_batch` picks the micro-batch from the backend's measured memory (bytes held between
+steps, bytes per row at a step's peak) and its budget: the largest that fits for
+DEVICE_BATCH_SIZE = "auto", a check for an explicit one. A step that cannot fit raises
+DoesNotFit before training starts, instead of swapping for the whole budget.
 """
 import gc
+from dataclasses import dataclass
 
-GIB = 1 << 30
 # Explicit collections after the freeze: rare enough to cost nothing, often enough for slow leaks.
 COLLECT_EVERY = 500
 
@@ -60,54 +61,83 @@ class GcControl:
         self.collections += 1
 
 
-# --- Metal limits ----------------------------------------------------------------------------
-# macOS, the window server and a browser need about 3 GB to stay responsive; on large machines
-# leave them a quarter, since people keep more open there.
-OS_RESERVE_MIN = 3 * GIB
-OS_RESERVE_FRACTION = 0.25
-# Up to 16 GB the live training arrays fill most of the budget, so freed buffers kept for
-# reuse must stay small or they push the machine into swap; above that, a larger cache avoids
-# re-allocating the same activation buffers every step.
-SMALL_MACHINE = 16 * GIB
-CACHE_FRACTION_SMALL = 0.25
-CACHE_FRACTION_LARGE = 0.5
-CACHE_MIN = 256 * (1 << 20)
+# --- the micro-batch that fits ---------------------------------------------------------------
+MIB = 1 << 20
+# Share of the budget a step's measured peak may take: the rest is for what the measurement does
+# not see (the data loader's batches, evaluation's buffers, the allocator's rounding).
+STEP_SHARE = 0.9
+# "auto" where the backend cannot measure (torch on a CPU): the rows per micro-batch of the
+# recipe before "auto", which fit 80 GB GPUs.
+UNMEASURED_ROWS = 16
 
 
-def metal_memory_limits(total_bytes: int, recommended_working_set: int | None) -> dict:
-    """Wired and cache limits in bytes for a machine with `total_bytes` of unified memory.
-
-    `recommended_working_set` is Metal's max_recommended_working_set_size (mx.device_info());
-    a wired limit above it is an error in MLX, so the budget never exceeds it.
-    Returns {"wired_limit", "cache_limit", "os_reserve"}.
-    """
-    if not total_bytes or total_bytes <= 0:
-        raise ValueError(f"total_bytes must be the machine's memory in bytes, got {total_bytes!r}")
-    os_reserve = max(OS_RESERVE_MIN, int(total_bytes * OS_RESERVE_FRACTION))
-    budget = max(0, int(total_bytes) - os_reserve)
-    if recommended_working_set:
-        budget = min(budget, int(recommended_working_set))
-    frac = CACHE_FRACTION_SMALL if total_bytes <= SMALL_MACHINE else CACHE_FRACTION_LARGE
-    cache = min(budget, max(CACHE_MIN, int(budget * frac)))
-    return {"wired_limit": budget, "cache_limit": cache, "os_reserve": os_reserve}
+class DoesNotFit(ValueError):
+    """The training step needs more memory than this machine's budget."""
 
 
-def recommended_working_set(mx) -> int | None:
-    """Metal's recommended working-set size in bytes, or None off Metal."""
-    if not mx.metal.is_available():
-        return None
-    info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
-    value = info.get("max_recommended_working_set_size")
-    return int(value) if value else None
+@dataclass(frozen=True)
+class MemoryPlan:
+    device_rows: int               # rows per micro-batch
+    auto: bool                     # chosen by "auto" rather than set in train.py
+    fixed_bytes: int | None        # held between steps (weights, optimizer state, gradient buffer)
+    row_bytes: int | None          # added per row at a step's peak
+    budget_bytes: int | None       # what the step may use on this machine
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """The step's expected peak (an upper bound: per-row costs are measured at one row)."""
+        if self.fixed_bytes is None or self.row_bytes is None:
+            return None
+        return self.fixed_bytes + self.device_rows * self.row_bytes
+
+    def describe(self) -> str:
+        text = f"{self.device_rows} rows per micro-batch" + (" (auto)" if self.auto else "")
+        if self.peak_bytes is not None:
+            text += f", step peak about {self.peak_bytes / MIB:,.0f} MB ({self.row_bytes / MIB:,.0f} MB per row)"
+        if self.budget_bytes:
+            text += f" of a {self.budget_bytes / 2**30:.1f} GB budget"
+        return text
 
 
-def apply_metal_limits(mx, limits: dict) -> bool:
-    """Set MLX's wired and cache limits when running on Metal; return whether anything was set."""
-    if not mx.metal.is_available():
-        return False
-    # Newer MLX has these at top level; older releases only under mx.metal.
-    set_wired = getattr(mx, "set_wired_limit", None) or mx.metal.set_wired_limit
-    set_cache = getattr(mx, "set_cache_limit", None) or mx.metal.set_cache_limit
-    set_wired(int(limits["wired_limit"]))
-    set_cache(int(limits["cache_limit"]))
-    return True
+def plan_device_batch(rows: int, requested, fixed_bytes: int | None, row_bytes: int | None,
+                      budget_bytes: int | None) -> MemoryPlan:
+    """The micro-batch for a step of `rows` rows: for requested == "auto" the largest divisor of
+    `rows` whose expected peak fits STEP_SHARE of the budget; an explicit number is kept, and
+    checked. Raises DoesNotFit when the step cannot fit; without a budget or a measurement, nothing
+    is checked and "auto" takes UNMEASURED_ROWS (or the largest divisor below it)."""
+    auto = requested == "auto"
+    measured = budget_bytes is not None and fixed_bytes is not None and row_bytes is not None
+    divisors = [d for d in range(1, rows + 1) if rows % d == 0]
+    if not measured:
+        device_rows = max(d for d in divisors if d <= UNMEASURED_ROWS) if auto else int(requested)
+        return MemoryPlan(device_rows, auto, fixed_bytes, row_bytes, budget_bytes)
+    limit = STEP_SHARE * budget_bytes
+    fits = [d for d in divisors if fixed_bytes + d * row_bytes <= limit]
+    if auto and fits:
+        return MemoryPlan(max(fits), True, fixed_bytes, row_bytes, budget_bytes)
+    plan = MemoryPlan(1 if auto else int(requested), auto, fixed_bytes, row_bytes, budget_bytes)
+    if not auto and plan.peak_bytes <= limit:
+        return plan
+    need = f"about {plan.peak_bytes / 2**30:.2f} GB ({fixed_bytes / MIB:,.0f} MB held + {plan.device_rows} x " \
+           f"{row_bytes / MIB:,.0f} MB per {'row' if plan.device_rows == 1 else 'rows'})"
+    room = f"{STEP_SHARE:.0%} of this machine's {budget_bytes / 2**30:.1f} GB budget"
+    if fits:
+        raise DoesNotFit(f"DEVICE_BATCH_SIZE = {plan.device_rows} needs {need}, over {room}: set DEVICE_BATCH_SIZE "
+                         f"to {max(fits)} or less (or \"auto\"); TOTAL_BATCH_SIZE stays the same")
+    raise DoesNotFit(f"the training step needs {need} even at one row per micro-batch, over {room}: "
+                     f"shrink the model (DEPTH, ASPECT_RATIO, MLP_RATIO) or the vocabulary")
+
+
+def fit_micro_batch(backend, recipe: dict, seq_len: int) -> MemoryPlan:
+    """The MemoryPlan of a built backend for `recipe` (measures one row's step memory when the
+    backend knows its budget). Raises DoesNotFit, or ValueError for a bad batch geometry."""
+    from ..recipe import batch_geometry
+
+    requested = recipe.get("DEVICE_BATCH_SIZE")
+    if requested != "auto":
+        batch_geometry(recipe, seq_len)                      # an explicit number must divide the step
+    rows = batch_geometry({**recipe, "DEVICE_BATCH_SIZE": 1}, seq_len)[0]
+    budget = backend.memory_budget()
+    measured = backend.step_memory(seq_len) if budget is not None else None
+    fixed, per_row = measured if measured is not None else (None, None)
+    return plan_device_batch(rows, requested, fixed, per_row, budget)

@@ -50,6 +50,14 @@ def _stop_signals_interrupt():
     stop_signals_interrupt()
 
 
+def _keep_awake():
+    """On a Mac, hold an idle-sleep assertion for as long as this process lives, and say so once."""
+    from ..backends.mlx.power import keep_awake
+
+    if keep_awake() is not None:
+        _echo_err("keeping this Mac awake while this runs (caffeinate -i; it ends with this process)")
+
+
 def _fail_on_setup_errors(fn):
     """Turn the loop's precondition errors into one-line messages instead of tracebacks."""
     from .context import LoopError, WorkerError
@@ -88,6 +96,7 @@ def run_command(message, campaign_path, seed, gate, verbose):
     root = Path.cwd()
     campaign = _campaign(root, campaign_path, gate=gate)
     _stop_signals_interrupt()
+    _keep_awake()
 
     def runner(*args, **kw):
         if verbose:
@@ -160,6 +169,7 @@ def noise_command(runs, campaign_path):
     root = Path.cwd()
     campaign = _campaign(root, campaign_path)
     _stop_signals_interrupt()
+    _keep_awake()
     try:
         data = _fail_on_setup_errors(lambda: measure_noise(root, campaign, runs=runs, echo=_echo_err))
     except KeyboardInterrupt:

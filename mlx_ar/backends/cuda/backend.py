@@ -244,6 +244,12 @@ class CudaBackend:
             self.torch.cuda.set_device(self.device)
             self.torch.cuda.reset_peak_memory_stats(self.device)
 
+    def memory_budget(self) -> int | None:
+        return None  # not read yet: DEVICE_BATCH_SIZE = "auto" takes the harness's unmeasured default
+
+    def step_memory(self, seq_len: int) -> tuple[int, int] | None:
+        return None
+
     # --- model ----------------------------------------------------------------------------
     def build(self, recipe: dict, vocab_size: int, seq_len: int, seed: int) -> None:
         torch = self.torch
