@@ -2,6 +2,7 @@
 
     mlx-ar bench train                       # tok/s, ms/step, optimizer share, peak memory
     mlx-ar bench train --set DEPTH=4 --set OPTIMIZER=adamw --steps 30
+    mlx-ar bench memory                      # the micro-batch "auto" picks on 8-128 GB Macs
     mlx-ar bench loader                      # packed tokens/s from the prepared dataset
 
 `bench train` feeds random tokens at the contract's vocabulary and sequence length, so it
@@ -197,6 +198,39 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
         if kernels:
             echo(kernels)
     return figures
+
+
+@bench_command.command("memory")
+@click.option("--train-file", type=click.Path(dir_okay=False), default="train.py", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE", help="override a recipe constant (repeatable)")
+@click.option("--profile", type=click.Choice(sorted(constants.PROFILES)), default="real", show_default=True)
+def bench_memory(train_file, overrides, profile):
+    """The micro-batch DEVICE_BATCH_SIZE picks on Macs of 8-128 GB, from this machine's measured step
+    memory through the harness's own plan (Metal's budget as a Mac of that size reports it)."""
+    from pathlib import Path
+
+    from .backends import get_backend
+    from .harness.memory import MIB, mac_plans
+    from .recipe import apply_recipe, batch_geometry, parse_overrides, parse_recipe
+
+    with _user_errors():
+        prof = constants.PROFILES[profile]
+        sets = {**dict(prof.recipe_overrides), **parse_overrides(overrides)}
+        source = Path(train_file).read_text()
+        recipe = parse_recipe(apply_recipe(source, sets) if sets else source)
+        backend = get_backend("mlx", train_file, sets)
+        backend.configure_memory()
+        backend.build(recipe, prof.vocab_size, prof.max_seq_len, 0)
+        fixed, per_row = backend.step_memory(prof.max_seq_len)
+        rows = batch_geometry({**recipe, "DEVICE_BATCH_SIZE": 1}, prof.max_seq_len)[0]
+        requested = recipe.get("DEVICE_BATCH_SIZE")
+    click.echo(f"step memory on {backend.device_name()}: {fixed / MIB:,.0f} MB held + {per_row / MIB:,.0f} MB per "
+               f"{prof.max_seq_len}-token row; {rows} rows per step; DEVICE_BATCH_SIZE = {requested!r}")
+    click.echo("| Mac | step budget | micro-batch | expected step peak |\n|---|---|---|---|")
+    for gb, budget, plan, error in mac_plans(rows, requested, fixed, per_row):
+        what = (f"{plan.device_rows} x {rows // plan.device_rows}", f"{plan.peak_bytes / 2**30:.2f} GB") if plan \
+            else ("does not fit", error)
+        click.echo(f"| {gb:g} GB | {budget / 2**30:.1f} GB | {what[0]} | {what[1]} |")
 
 
 @bench_command.command("loader")

@@ -155,3 +155,47 @@ def test_budgets_by_machine_size():
     assert training_budget(8 * GIB, typical_recommended_working_set(8 * GIB)) / GIB == pytest.approx(5.0)
     assert training_budget(64 * GIB, None) == 48 * GIB      # off Metal: what the OS leaves
     assert training_budget(None, None) is None
+
+
+# --- layers whose backward keeps less ------------------------------------------------------
+def _check_grads(f, plain, args, rtol=0.03):
+    np.testing.assert_allclose(np.array(f(*args).astype(mx.float32)), np.array(plain(*args).astype(mx.float32)),
+                               atol=rtol * float(mx.abs(plain(*args)).max().astype(mx.float32)))
+    argnums = tuple(range(len(args)))
+    cot = mx.random.normal(plain(*args).shape, key=mx.random.key(9))
+    grads = mx.grad(lambda *a: (f(*a).astype(mx.float32) * cot).sum(), argnums=argnums)(*args)
+    refs = mx.grad(lambda *a: (plain(*a).astype(mx.float32) * cot).sum(), argnums=argnums)(*args)
+    for g, ref in zip(grads, refs):
+        g, ref = np.array(g.astype(mx.float32)), np.array(ref.astype(mx.float32))
+        assert np.abs(ref).max() > 0
+        np.testing.assert_allclose(g, ref, atol=rtol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("window", [5, 16])          # a short window and full causal attention
+def test_attention_equals_the_plain_softmax_formula(window):
+    t = load_train(TINY)
+    q, k, v = (mx.random.normal((2, 2, 16, 8), key=mx.random.key(i)).astype(mx.bfloat16) for i in range(3))
+    bias = t.window_bias(16, window)
+
+    def plain(q, k, v):
+        s = (q.astype(mx.float32) * 0.3) @ k.astype(mx.float32).swapaxes(-1, -2) + bias.astype(mx.float32)
+        return mx.softmax(s, axis=-1) @ v.astype(mx.float32)
+
+    _check_grads(lambda q, k, v: t.attention(q, k, v, 0.3, bias), plain, (q, k, v))
+
+
+def test_relu2_linear_equals_the_plain_formula():
+    t = load_train(TINY)
+    h = mx.random.normal((2, 8, 32), key=mx.random.key(0)).astype(mx.bfloat16)
+    w = (0.2 * mx.random.normal((16, 32), key=mx.random.key(1))).astype(mx.bfloat16)
+    _check_grads(t.relu2_linear, lambda h, w: mx.square(mx.maximum(h, 0)) @ w.T, (h, w))
+
+
+def test_default_max_memory_gb_follows_the_machine():
+    from mlx_ar.backends.mlx.memory import default_max_memory_gb
+
+    sixteen = 16 * GIB
+    assert default_max_memory_gb(sixteen, typical_recommended_working_set(sixteen), platform="darwin") == 10.7
+    assert default_max_memory_gb(8 * GIB, None, platform="linux") == 5.0
+    assert default_max_memory_gb(0, None, platform="linux") is None
+    assert default_max_memory_gb(platform="linux") > 0                    # this machine

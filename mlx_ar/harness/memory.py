@@ -141,3 +141,23 @@ def fit_micro_batch(backend, recipe: dict, seq_len: int) -> MemoryPlan:
     measured = backend.step_memory(seq_len) if budget is not None else None
     fixed, per_row = measured if measured is not None else (None, None)
     return plan_device_batch(rows, requested, fixed, per_row, budget)
+
+
+# Mac sizes of the docs' table (GB of unified memory).
+MACHINE_SIZES_GB = (8, 16, 24, 36, 64, 128)
+
+
+def mac_plans(rows: int, requested, fixed_bytes: int, row_bytes: int, sizes_gb=MACHINE_SIZES_GB) -> list:
+    """[(GB, budget bytes, MemoryPlan or None, error or None)]: what plan_device_batch decides on a Mac
+    of each size, with the Metal working set such a Mac reports (`mlx-ar bench memory` prints it)."""
+    from ..backends.mlx.memory import GIB, training_budget, typical_recommended_working_set
+
+    out = []
+    for gb in sizes_gb:
+        total = int(gb * GIB)
+        budget = training_budget(total, typical_recommended_working_set(total))
+        try:
+            out.append((gb, budget, plan_device_batch(rows, requested, fixed_bytes, row_bytes, budget), None))
+        except DoesNotFit as e:
+            out.append((gb, budget, None, str(e)))
+    return out

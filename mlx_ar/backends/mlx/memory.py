@@ -96,3 +96,20 @@ def training_budget(total_bytes: int | None, recommended_working_set: int | None
     if not total_bytes:
         return None
     return metal_memory_limits(total_bytes, recommended_working_set)["wired_limit"]
+
+
+def default_max_memory_gb(total_bytes: int | None = None, recommended: int | None = None,
+                          platform: str = sys.platform) -> float | None:
+    """The `max_memory_gb` veto that follows this machine: its training budget in GB (a run that
+    peaks above it swaps on a Mac), None when the machine's size is unknown. On a Mac without a
+    `recommended` working set given, Metal is asked through MLX."""
+    total = total_bytes if total_bytes is not None else total_memory_bytes()
+    if recommended is None and platform == "darwin":
+        try:
+            import mlx.core as mx
+
+            recommended = recommended_working_set(mx)
+        except ImportError:
+            pass
+    budget = training_budget(total, recommended)
+    return None if not budget else round(budget / GIB, 1)
