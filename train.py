@@ -68,7 +68,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 DTYPE = mx.bfloat16                # weights and residual stream; logits and loss in float32
 NS_DTYPE = mx.bfloat16             # Newton-Schulz runs in bf16 (as in the reference Muon); tests use float32
-LOSS_CHUNK_TOKENS = 128           # tokens per slice of the loss head (its float32 logits: 4 MiB at vocab 8192)
+LOSS_CHUNK_TOKENS = 64            # tokens per slice of the loss head (its float32 logits: 2 MiB at vocab 8192)
+ATTENTION_BACKWARD_ROWS = 512      # query rows per block of attention's backward (its T x T temporaries)
 
 
 @dataclass(frozen=True)
@@ -167,12 +168,22 @@ def _attention_from_probs(q, k, v, p, scale):
 @_attention_from_probs.vjp
 def _attention_from_probs_vjp(primals, cotangent, output):
     q, k, v, p, scale = primals
-    dv = p.swapaxes(-1, -2) @ cotangent
-    dp = cotangent @ v.swapaxes(-1, -2)
     # rowsum(dp * p) = rowsum(dO * O): a (B, H, T) reduction instead of one over T x T
     delta = (cotangent.astype(mx.float32) * output.astype(mx.float32)).sum(-1, keepdims=True)
-    ds = (p * (dp - delta)).astype(q.dtype) * scale.astype(q.dtype)
-    return ds @ k, ds.swapaxes(-1, -2) @ q, dv, mx.zeros_like(p), mx.zeros_like(scale)
+    dq, dk, dv, prev = [], 0.0, 0.0, None
+    # Query rows a block at a time: the backward's T x T temporaries exist for one block only.
+    for i in range(0, q.shape[-2], ATTENTION_BACKWARD_ROWS):
+        rows = slice(i, i + ATTENTION_BACKWARD_ROWS)
+        pi, gi = p[..., rows, :], cotangent[..., rows, :]
+        if prev is not None:  # blocks one after another, else the scheduler may run them all at once
+            pi = mx.depends(pi, prev)
+        ds = (pi * (gi @ v.swapaxes(-1, -2) - delta[..., rows, :])).astype(q.dtype) * scale.astype(q.dtype)
+        dq.append(ds @ k)
+        dk = dk + (ds.swapaxes(-1, -2) @ q[..., rows, :]).astype(mx.float32)
+        dv = dv + (pi.swapaxes(-1, -2) @ gi).astype(mx.float32)
+        prev = [dq[-1], dk, dv]
+    return (mx.concatenate(dq, axis=-2), dk.astype(k.dtype), dv.astype(v.dtype), mx.zeros_like(p),
+            mx.zeros_like(scale))
 
 
 @mx.custom_function

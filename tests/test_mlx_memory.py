@@ -172,8 +172,10 @@ def _check_grads(f, plain, args, rtol=0.03):
 
 
 @pytest.mark.parametrize("window", [5, 16])          # a short window and full causal attention
-def test_attention_equals_the_plain_softmax_formula(window):
+@pytest.mark.parametrize("rows", [4, 5, 512])        # backward blocks that divide T, that do not, one block
+def test_attention_equals_the_plain_softmax_formula(window, rows, monkeypatch):
     t = load_train(TINY)
+    monkeypatch.setitem(vars(t), "ATTENTION_BACKWARD_ROWS", rows)
     q, k, v = (mx.random.normal((2, 2, 16, 8), key=mx.random.key(i)).astype(mx.bfloat16) for i in range(3))
     bias = t.window_bias(16, window)
 
@@ -199,3 +201,39 @@ def test_default_max_memory_gb_follows_the_machine():
     assert default_max_memory_gb(8 * GIB, None, platform="linux") == 5.0
     assert default_max_memory_gb(0, None, platform="linux") is None
     assert default_max_memory_gb(platform="linux") > 0                    # this machine
+
+
+# --- the guard, end to end -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    from _train_utils import ROOT
+
+    cache = tmp_path_factory.mktemp("demo-cache")
+    proc = subprocess.run([sys.executable, str(ROOT / "prepare.py"), "--source", "demo"],
+                          env={**os.environ, "MLX_AR_CACHE": str(cache)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return cache
+
+
+@pytest.mark.slow
+def test_a_step_that_cannot_fit_stops_before_training_with_a_one_line_reason(demo_cache, tmp_path, monkeypatch, capsys):
+    import json
+
+    from mlx_ar.harness.main import run
+
+    from _train_utils import TRAIN_PY
+
+    monkeypatch.setenv("MLX_AR_CACHE", str(demo_cache))
+    monkeypatch.setattr(MLXBackend, "memory_budget", lambda self: 16 * MIB)     # a machine far too small
+    record = tmp_path / "run.json"
+    assert run(TRAIN_PY, ["--smoke", "30", "--record", str(record)]) == 1
+    rec = json.loads(record.read_text())
+    assert rec["status"] == "fail" and rec["metrics"]["num_steps"] is None       # no step was trained
+    reason = rec["reason"]
+    assert reason.startswith("DoesNotFit: the training step needs about") and "shrink the model" in reason
+    assert "\n" not in reason
+    assert "FAIL: DoesNotFit" in capsys.readouterr().out

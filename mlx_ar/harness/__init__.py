@@ -5,8 +5,8 @@ runs on a Mac and on an H100 are timed, scheduled, checked and reported identica
 
     clock      BudgetClock: counts training-step seconds only, compile steps excluded
     schedules  Schedule: LR multiplier, Muon momentum and weight decay from the recipe
-    hardware   peak FLOP/s tables (Apple M1-M4, NVIDIA), chip detection, MFU, machine memory
-    memory     GcControl (freeze/disable Python's gc after step 1), Metal memory-limit sizing
+    hardware   MFU from a backend's peak FLOP/s (the tables live with the backends)
+    memory     GcControl (freeze/disable Python's gc after step 1); the micro-batch that fits the budget
     progress   ProgressLine: the live one-line status with a debiased EMA of the loss
     summary    the summary block (format/parse), the JSON run record, fast-fail on a bad loss
 

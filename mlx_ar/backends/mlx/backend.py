@@ -17,6 +17,19 @@ from . import chips, memory
 from ..cuda.hardware import nvidia_peak_flops
 
 
+def _last_layers_first(grads, items: bool = False) -> list:
+    """The leaves of a parameter tree in reverse order: the last layers' first.
+
+    MLX evaluates a graph's outputs in the order given, depth first; gradients asked for in the
+    order the backward produces them are finished (and the activations they need freed) layer by
+    layer. In the model's own order (first layer first) a 2048-token row peaked 44 MiB higher.
+    """
+    from mlx.utils import tree_flatten
+
+    flat = tree_flatten(grads)[::-1]
+    return flat if items else [v for _, v in flat]
+
+
 class MLXBackend:
     name = "mlx"
 
@@ -90,7 +103,7 @@ class MLXBackend:
         def step(inputs, targets):
             loss, grads = loss_and_grad(model, inputs, targets)
             optimizer.update(model, grads)
-            return loss
+            return mx.depends(loss, _last_layers_first(grads))
 
         self._step = mx.compile(step, inputs=self.state, outputs=self.state)
         self._accumulate = None                    # built by the first step of several micro-batches
@@ -116,7 +129,7 @@ class MLXBackend:
 
         mx, model, optimizer, loss_and_grad = self.mx, self.model, self.optimizer, self._loss_and_grad
         # Flat {path: array} so the compiled functions update it in place (compile writes back leaves).
-        acc = {k: mx.zeros(v.shape, mx.float32) for k, v in tree_flatten(model.trainable_parameters())}
+        acc = {k: mx.zeros(v.shape, mx.float32) for k, v in _last_layers_first(model.trainable_parameters(), True)}
         acc["_loss"] = mx.array(0.0, mx.float32)
         self._acc = acc
         state = [*self.state, acc]
@@ -155,7 +168,7 @@ class MLXBackend:
                 mx.async_eval(self._acc)
             loss = self._update(mx.array(1.0 / n, mx.float32))
             mx.async_eval(self._acc)
-        mx.async_eval(self.state, loss)
+        mx.async_eval(loss, self.state)   # the loss first: it depends on the gradients in _last_layers_first order
         return loss
 
     def step_memory(self, seq_len: int) -> tuple[int, int]:
@@ -177,7 +190,8 @@ class MLXBackend:
             fixed += 4 * sum(v.size for v in self._flat_params())
         base = mx.get_active_memory()
         mx.reset_peak_memory()
-        mx.eval(grad(x[0], x[1]))
+        loss, grads = grad(x[0], x[1])
+        mx.eval(loss, _last_layers_first(grads))   # in the order the step evaluates them
         return int(fixed), int(mx.get_peak_memory() - base)
 
     def _flat_params(self):
