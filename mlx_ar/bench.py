@@ -174,7 +174,7 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
         "ms_per_step_mean": round(float(np.mean(times)) * 1e3, 2), "tok_per_sec": round(tok_s),
         "optimizer_ms": round(opt_s * 1e3, 2), "optimizer_share_percent": round(100 * opt_s / step_s, 1),
         "mfu_percent": mfu_percent(backend.flops_per_token, tok_s, backend.peak_flops()),
-        "peak_memory_mb": round(peak_mb, 1), "device_batch_size": device_rows, "device_batch_auto": plan.auto,
+        "peak_memory_mb": round(peak_mb, 1), "device_batch": device_rows, "device_batch_auto": plan.auto,
         # Held between steps and added per row at a step's peak, measured at one row (None: not measured).
         "step_held_mb": None if plan.fixed_bytes is None else round(plan.fixed_bytes / MIB, 1),
         "step_row_mb": None if plan.row_bytes is None else round(plan.row_bytes / MIB, 1),

@@ -163,7 +163,8 @@ def batch_geometry(recipe: dict, seq_len: int):
     """
     total, device_rows = recipe.get("TOTAL_BATCH_SIZE"), recipe.get("DEVICE_BATCH_SIZE")
     if not isinstance(total, int) or not isinstance(device_rows, int) or total <= 0 or device_rows <= 0:
-        raise ValueError("TOTAL_BATCH_SIZE and DEVICE_BATCH_SIZE must be positive integers in train.py")
+        raise ValueError('TOTAL_BATCH_SIZE must be a positive integer in train.py, DEVICE_BATCH_SIZE a positive '
+                         'integer or "auto"')
     rows = total // MAX_SEQ_LEN
     if rows * MAX_SEQ_LEN != total or rows % device_rows:
         raise ValueError(

@@ -141,7 +141,7 @@ def test_batch_geometry():
     assert batch_geometry({"TOTAL_BATCH_SIZE": 2**16, "DEVICE_BATCH_SIZE": 8}, 256) == (32, 4, 8)
     with pytest.raises(ValueError, match="multiple of DEVICE_BATCH_SIZE"):
         batch_geometry({"TOTAL_BATCH_SIZE": 2**16, "DEVICE_BATCH_SIZE": 12}, 2048)
-    with pytest.raises(ValueError, match="positive integers"):
+    with pytest.raises(ValueError, match="must be a positive integer"):
         batch_geometry({"TOTAL_BATCH_SIZE": 0, "DEVICE_BATCH_SIZE": 8}, 2048)
 
 

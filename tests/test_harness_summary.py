@@ -102,7 +102,7 @@ def record_fields(**over):
         contract="3f2a9c0d1e4b5a67", contract_parts={"eval_version": 1}, executed_files={"train.py": "ab" * 32},
         versions={"python": "3.12.0", "mlx": "0.32.4"}, started_at="2025-01-01T00:00:00Z",
         finished_at="2025-01-01T00:05:30Z",
-        metrics={k: VALUES.get(k, 16) for k in METRIC_KEYS},     # 16: device_batch_size, not in the block
+        metrics={k: VALUES.get(k, 16) for k in METRIC_KEYS},     # 16: device_batch, not in the block
     )
     fields.update(over)
     return fields

@@ -100,7 +100,7 @@ def test_auto_takes_the_largest_divisor_that_fits():
     plan = plan_device_batch(32, "auto", 1 * GIB, GIB // 2, budget)
     assert plan.device_rows == 16 and plan.auto           # 1 + 16 * 0.5 = 9 GiB; 32 would need 17
     assert plan.peak_bytes == 9 * GIB
-    assert plan_device_batch(32, "auto", 1 * GIB, 3 * GIB, budget).device_rows == 2   # 3 of the 32 rows' divisors fit
+    assert plan_device_batch(32, "auto", 1 * GIB, 3 * GIB, budget).device_rows == 2   # 7 GiB; 4 rows: 13
     assert plan_device_batch(32, "auto", 0, 1, budget).device_rows == 32              # the whole step in one
     assert "16 rows per micro-batch (auto)" in plan.describe() and "GB budget" in plan.describe()
 
@@ -237,3 +237,13 @@ def test_a_step_that_cannot_fit_stops_before_training_with_a_one_line_reason(dem
     assert reason.startswith("DoesNotFit: the training step needs about") and "shrink the model" in reason
     assert "\n" not in reason
     assert "FAIL: DoesNotFit" in capsys.readouterr().out
+
+
+def test_the_summary_and_the_record_say_what_auto_chose():
+    from mlx_ar.harness.summary import METRIC_KEYS, SUMMARY_KEYS, format_summary, parse_summary
+
+    values = {k: 1 for k in SUMMARY_KEYS}
+    block = format_summary({**values, "device_batch": 8})
+    assert "\ndevice_batch:     8\n" in block
+    assert parse_summary(block)["device_batch"] == 8
+    assert "device_batch" in METRIC_KEYS            # the record's metrics, and so the ledger's receipt

@@ -176,7 +176,7 @@ def _train_and_evaluate(train_file, recipe, args, seed, fields, t0):
     plan = fit_micro_batch(backend, recipe, seq_len)   # DoesNotFit ends the run here, before any step
     rows, n_micro, device_rows = batch_geometry({**recipe, "DEVICE_BATCH_SIZE": plan.device_rows}, seq_len)
     tokens_per_step = rows * seq_len
-    fields["metrics"]["device_batch_size"] = device_rows
+    fields["metrics"]["device_batch"] = device_rows
     print(f"memory: {plan.describe()}", flush=True)
     fields["versions"] = backend.versions()      # again: build adds the kernels it chose
     kernels = kernel_line(fields["versions"])

@@ -34,13 +34,13 @@ SUMMARY_KEYS = (
     "backend", "device", "profile", "budget", "seed", "contract", "record",
 )
 # The numeric keys, which are also the record's "metrics" (seed is recorded at top level).
-# device_batch_size: the rows per micro-batch the run trained with (what DEVICE_BATCH_SIZE = "auto"
+# device_batch: the rows per micro-batch the run trained with (what DEVICE_BATCH_SIZE = "auto"
 # chose); printed after SUMMARY_KEYS when given, recorded with the metrics.
-METRIC_KEYS = SUMMARY_KEYS[:SUMMARY_KEYS.index("backend")] + ("device_batch_size",)
+METRIC_KEYS = SUMMARY_KEYS[:SUMMARY_KEYS.index("backend")] + ("device_batch",)
 KEY_WIDTH = 18  # "key:" padded to this many characters, as upstream prints it
 # Printed after SUMMARY_KEYS only when given: a reduced profile's recipe overrides (demo), so a
 # run never silently replaces what train.py says; the real contract's block stays upstream's.
-OPTIONAL_KEYS = ("device_batch_size", "overrides")
+OPTIONAL_KEYS = ("device_batch", "overrides")
 UNKNOWN = "unknown"
 
 _DECIMALS = {
@@ -48,7 +48,7 @@ _DECIMALS = {
     "training_seconds": 1, "total_seconds": 1, "peak_vram_mb": 1, "total_tokens_M": 1,
     "num_params_M": 1, "startup_seconds": 1,
 }
-_INTEGERS = ("num_steps", "depth", "tok_per_sec", "device_batch_size", "seed")
+_INTEGERS = ("num_steps", "depth", "tok_per_sec", "device_batch", "seed")
 
 
 def _format_value(key: str, value) -> str:
