@@ -68,8 +68,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 DTYPE = mx.bfloat16                # weights and residual stream; logits and loss in float32
 NS_DTYPE = mx.bfloat16             # Newton-Schulz runs in bf16 (as in the reference Muon); tests use float32
-LOSS_CHUNK_TOKENS = 64            # tokens per slice of the loss head (its float32 logits: 2 MiB at vocab 8192)
-ATTENTION_BACKWARD_ROWS = 512      # query rows per block of attention's backward (its T x T temporaries)
+LOSS_CHUNK_TOKENS = 128            # tokens per slice of the loss head (its float32 logits: 4 MiB at vocab 8192)
+ATTENTION_BACKWARD_ROWS = 256      # query rows per block of attention's backward (its T x T temporaries)
 
 
 @dataclass(frozen=True)
@@ -277,20 +277,17 @@ class GPT(nn.Module):
         self.resid_lambdas = mx.full((cfg.n_layer,), RESID_LAMBDA_INIT, dtype=DTYPE)
         self.x0_lambdas = mx.full((cfg.n_layer,), X0_LAMBDA_INIT, dtype=DTYPE)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, init="normal", std=LM_HEAD_INIT_STD)
-        # Masks are constants, not parameters: kept out of the parameter tree by the leading underscore.
-        self._masks = {w: window_bias(cfg.seq_len, w) for w in set(cfg.windows)}
 
     def hidden(self, idx):
         """Final normed hidden states (B, T, d_model) in DTYPE."""
         T = idx.shape[1]
+        # Built per call, not kept on the model: freed after the forward, 8 MiB each at T = 2048.
+        masks = {w: window_bias(T, w) for w in set(self.cfg.windows)}
         x = x0 = rms_norm(embed(self.wte, idx))
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = embed(self.value_embeds[f"layer{i}"], idx) if f"layer{i}" in self.value_embeds else None
-            mask = self._masks[self.cfg.windows[i]]
-            if T != self.cfg.seq_len:
-                mask = mask[:T, :T]
-            x = block(x, ve, mask)
+            x = block(x, ve, masks[self.cfg.windows[i]])
         return rms_norm(x)
 
     def logits(self, idx):

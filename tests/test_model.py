@@ -54,7 +54,7 @@ def test_bf16_everywhere_but_logits(t):
     for i, block in enumerate(model.blocks):
         h = model.resid_lambdas[i] * h + model.x0_lambdas[i] * x0
         ve = model.value_embeds[f"layer{i}"][x] if f"layer{i}" in model.value_embeds else None
-        h = t.Block.__call__(block, h, ve, model._masks[model.cfg.windows[i]])
+        h = t.Block.__call__(block, h, ve, t.window_bias(T, model.cfg.windows[i]))
         seen.append(h.dtype)
     assert seen == [mx.bfloat16] * len(model.blocks)
     assert model.hidden(x).dtype == mx.bfloat16
