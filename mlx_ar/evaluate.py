@@ -41,7 +41,9 @@ from .constants import EVAL_VERSION, HELDOUT_SHARE
 from .data.errors import DataError
 from .data.walk import eval_rows, heldout_rows, measured, walk_digest
 
-DEFAULT_MAX_LOGITS_BYTES = 512 * 2**20
+# Two rows of the real contract's logits per call: an evaluation never needs more memory than a
+# small training micro-batch, so it cannot set a run's peak on an 8 GB Mac.
+DEFAULT_MAX_LOGITS_BYTES = 128 * 2**20
 LOGIT_BYTES = 4                          # float32 logits
 CE_CHUNK_POSITIONS = 1024                # positions per numpy cross-entropy step: ~3 temporaries of 1024 * V * 4 bytes
 FINGERPRINT_CHARS = 16

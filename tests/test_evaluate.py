@@ -84,7 +84,7 @@ def test_exact_and_independent_of_rows_per_call():
 
 
 def test_rows_per_call_follow_the_logits_bound_not_the_training_batch():
-    assert eval_batch_rows(REAL, 8192) == 8            # 512 MiB / (2048 * 8192 * 4 bytes)
+    assert eval_batch_rows(REAL, 8192) == 2            # 128 MiB / (2048 * 8192 * 4 bytes)
     assert eval_batch_rows(REAL, 8192, max_logits_bytes=1) == 1
     assert eval_batch_rows(REAL, 8192, max_logits_bytes=1 << 50) == REAL.eval_tokens // REAL.max_seq_len
     ds = FakeDataset(PROFILE)
