@@ -226,7 +226,7 @@ def bench_memory(train_file, overrides, profile):
         requested = recipe.get("DEVICE_BATCH_SIZE")
     click.echo(f"step memory on {backend.device_name()}: {fixed / MIB:,.0f} MB held + {per_row / MIB:,.0f} MB per "
                f"{prof.max_seq_len}-token row; {rows} rows per step; DEVICE_BATCH_SIZE = {requested!r}")
-    click.echo("| Mac | step budget | micro-batch | expected step peak |\n|---|---|---|---|")
+    click.echo("| Mac | memory budget | rows per micro-batch x micro-batches | expected step peak |\n|---|---|---|---|")
     for gb, budget, plan, error in mac_plans(rows, requested, fixed, per_row):
         what = (f"{plan.device_rows} x {rows // plan.device_rows}", f"{plan.peak_bytes / 2**30:.2f} GB") if plan \
             else ("does not fit", error)
