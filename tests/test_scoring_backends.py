@@ -99,9 +99,8 @@ def test_mlx_leak_probe_passes_the_model_and_catches_attention_without_a_mask():
     row = first_row()[0][0]
     causal = mlx_backend()
     assert leak_probe(causal.eval_logits, row, V) is None
-    peeking = mlx_backend()
     # An edit that drops the attention mask: every position attends to every token of the row.
-    peeking.model._masks = {w: mx.zeros((T, T), dtype=mx.bfloat16) for w in peeking.model._masks}
+    peeking = mlx_backend(edit=lambda g: g.update(window_bias=lambda t, w, dtype=mx.bfloat16: mx.zeros((t, t), dtype)))
     reason = leak_probe(peeking.eval_logits, row, V)
     assert reason is not None and reason.startswith("leak: ")
 
