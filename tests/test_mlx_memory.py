@@ -247,3 +247,12 @@ def test_the_summary_and_the_record_say_what_auto_chose():
     assert "\ndevice_batch:     8\n" in block
     assert parse_summary(block)["device_batch"] == 8
     assert "device_batch" in METRIC_KEYS            # the record's metrics, and so the ledger's receipt
+
+
+def test_the_docs_table_of_mac_sizes_comes_from_the_same_plan():
+    from mlx_ar.harness.memory import mac_plans
+
+    rows = {gb: plan.device_rows for gb, _, plan, _ in mac_plans(32, "auto", 142 * MIB, 253 * MIB)}
+    assert rows == {8: 16, 16: 32, 24: 32, 36: 32, 64: 32, 128: 32}    # the default recipe fits an 8 GB Mac
+    (gb, budget, plan, error), = mac_plans(32, "auto", 142 * MIB, 8 * GIB, sizes_gb=(8,))
+    assert plan is None and "shrink the model" in error
