@@ -17,6 +17,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends.mlx.memory import default_max_memory_gb
+from .backends.mlx.power import battery_status
+
 
 @dataclass
 class Check:
@@ -130,6 +133,8 @@ class Probes:
     module: object = probe_module
     memory_bytes: object = probe_memory_bytes
     need_gb: object = rough_need_gb
+    ceiling_gb: object = default_max_memory_gb      # the veto when campaign.toml sets none (mlx)
+    battery: object = battery_status                # None off macOS
 
 
 # --- the diagnosis -----------------------------------------------------------------------------
@@ -232,11 +237,19 @@ def _memory(r, p, recipe, profile, campaign):
     if need is not None and total_gb and need > 0.75 * total_gb:
         status = "warn"
         text += ": close to or above the machine's; lower DEVICE_BATCH_SIZE or the model size"
-    if campaign and campaign.max_memory_gb is not None:
-        text += f"; veto above max_memory_gb {campaign.max_memory_gb:g}"
-    elif total_gb and total_gb <= 32:
-        text += f"; consider max_memory_gb = {0.65 * total_gb:.0f} in campaign.toml"
+    ceiling = campaign.max_memory_gb if campaign else None
+    if ceiling is not None:
+        text += f"; veto above max_memory_gb {ceiling:g}"
+    elif (campaign.backend if campaign else "mlx") == "mlx" and p.ceiling_gb() is not None:
+        text += f"; veto above {p.ceiling_gb():g} GB (this machine's budget; max_memory_gb overrides it)"
     r.add("memory", status, text)
+    battery = p.battery()
+    if battery is not None:
+        on = battery["on_battery"]
+        pct = f" ({battery['percent']}%)" if battery.get("percent") is not None else ""
+        r.add("power", "warn" if on else "ok",
+              f"on battery{pct}: plug in for an overnight campaign (a Mac on battery throttles and may sleep)"
+              if on else f"on mains power{pct}")
 
 
 def _ledger(r, root, campaign):

@@ -100,26 +100,14 @@ def _upward_edges():
     return sorted((a, b) for a, targets in import_graph().items() for b in targets if floor(b) > floor(a))
 
 
-# Modules that still import a higher floor while their owners move them; each entry must still
-# be upward (strict), so the list cannot outlive the move.
-PENDING = {}
-
-
 def test_imports_point_down_the_floors():
-    upward = [(a, b) for a, b in _upward_edges() if a not in PENDING]
+    upward = _upward_edges()
     assert upward == [], "\n".join(f"{a} imports {b}, a higher floor" for a, b in upward)
-
-
-@pytest.mark.parametrize("module", sorted(PENDING))
-def test_pending_moves_are_still_pending(module):
-    still = [b for a, b in _upward_edges() if a == module]
-    if not still:
-        pytest.fail(f"{module} imports no higher floor any more: remove it from PENDING")
 
 
 def test_a_backend_never_imports_the_harness_or_higher():
     graph = import_graph()
-    found = sorted((a, b) for a, targets in graph.items() if a.startswith("mlx_ar.backends") and a not in PENDING
+    found = sorted((a, b) for a, targets in graph.items() if a.startswith("mlx_ar.backends")
                    for b in targets if floor(b) > FLOORS["backends"])
     assert found == []
 

@@ -11,7 +11,8 @@ from mlx_ar.doctor import Probes, diagnose, doctor_command, rough_need_gb
 from mlx_ar.ledger.attempt import run_experiment
 
 FAKE = Probes(mlx=lambda: {"version": "0.0", "device": "Metal (GPU)"}, torch=lambda: None,
-              module=lambda name: "9.9", memory_bytes=lambda: 16 * 2**30, need_gb=lambda recipe, profile: 3.0)
+              module=lambda name: "9.9", memory_bytes=lambda: 16 * 2**30, need_gb=lambda recipe, profile: 3.0,
+              ceiling_gb=lambda: 10.7, battery=lambda: None)
 
 
 @pytest.fixture
@@ -80,3 +81,16 @@ def test_rough_need_grows_with_the_model():
     assert rough_need_gb({"DEPTH": 2}, DEMO) is None
     auto = rough_need_gb({"DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 32, "DEVICE_BATCH_SIZE": "auto"}, DEMO)
     assert 0 < auto < small
+
+
+def test_memory_names_the_machine_ceiling_and_power_the_battery(repo):
+    r = diagnose(repo, probes=FAKE)
+    assert any("veto above 10.7 GB" in t for t in _texts(r, "memory")), r.lines()
+    assert _texts(r, "power") == []                     # not a Mac: no power line
+    on_battery = dataclasses.replace(FAKE, battery=lambda: {"on_battery": True, "percent": 41})
+    r = diagnose(repo, probes=on_battery)
+    (check,) = [c for c in r.checks if c.section == "power"]
+    assert check.status == "warn" and "on battery (41%)" in check.text
+    mains = dataclasses.replace(FAKE, battery=lambda: {"on_battery": False, "percent": None})
+    (check,) = [c for c in diagnose(repo, probes=mains).checks if c.section == "power"]
+    assert check.status == "ok" and check.text == "on mains power"

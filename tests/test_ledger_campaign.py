@@ -70,3 +70,12 @@ def test_explicit_file_must_exist_and_overrides_are_validated(tmp_path):
         load_campaign(tmp_path, "nope.toml")
     with pytest.raises(CampaignError, match="command-line options: gate must be one of"):
         load_campaign(tmp_path, overrides={"gate": "bogus"})
+
+
+def test_the_memory_ceiling_follows_the_machine_unless_set():
+    from mlx_ar.ledger.campaign import Campaign
+
+    assert Campaign().for_machine(10.7).max_memory_gb == 10.7
+    assert Campaign(max_memory_gb=14).for_machine(10.7).max_memory_gb == 14
+    assert Campaign(backend="cuda").for_machine(10.7).max_memory_gb is None
+    assert Campaign().for_machine(None).max_memory_gb is None

@@ -13,6 +13,7 @@ standard library's tomllib) overrides any of them with top-level keys of the sam
     campaign = load_campaign(root)                 # root/campaign.toml if present, else defaults
     campaign = load_campaign(root, "other.toml")   # an explicit file must exist
     campaign = campaign.for_profile(profile)       # the data profile's budget, unless set
+    campaign = campaign.for_machine(10.7)          # the machine's memory ceiling, unless set
     campaign.timeout_s                             # hard limit for one child run
 """
 import dataclasses
@@ -47,7 +48,7 @@ class Campaign:
     min_delta: float = 0.0              # a keep must beat the champion by more than this
 
     # --- vetoes (a candidate that breaks one is discarded whatever its score) ---------------
-    max_memory_gb: float | None = None  # peak memory ceiling; vital on 8-16 GB Macs
+    max_memory_gb: float | None = None  # peak memory ceiling; None on mlx: the machine's training budget
     min_tok_per_sec_ratio: float | None = None  # minimum tok/s as a fraction of the branch baseline's
 
     # --- what the agent may change ----------------------------------------------------------
@@ -105,6 +106,13 @@ class Campaign:
         if profile is None or self.time_budget is not None:
             return self
         return dataclasses.replace(self, time_budget=float(profile.time_budget))
+
+    def for_machine(self, max_memory_gb: float | None) -> "Campaign":
+        """These settings with the machine's memory ceiling (a run above it swaps on a Mac), unless
+        max_memory_gb was set. Only mlx runs share the machine's memory; cuda keeps no default."""
+        if self.max_memory_gb is not None or self.backend != "mlx" or max_memory_gb is None:
+            return self
+        return dataclasses.replace(self, max_memory_gb=float(max_memory_gb))
 
     def dataset_arg(self) -> str | None:
         """The dataset named by `--data` in train_args, if any."""

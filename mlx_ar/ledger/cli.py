@@ -14,12 +14,15 @@ import click
 
 
 def _campaign(root, path, **overrides):
+    """The campaign's settings, with the memory ceiling following this machine unless set."""
+    from ..backends.mlx.memory import default_max_memory_gb
     from .campaign import CampaignError, load_campaign
 
     try:
-        return load_campaign(root, path, overrides)
+        campaign = load_campaign(root, path, overrides)
     except CampaignError as e:
         raise click.ClickException(str(e)) from None
+    return campaign.for_machine(default_max_memory_gb() if campaign.backend == "mlx" else None)
 
 
 def _echo_err(text):
