@@ -231,8 +231,11 @@ def _memory(r, p, recipe, profile, campaign):
     total_gb = total / 2**30 if total else None
     need = p.need_gb(recipe, profile) if recipe and profile else None
     text = f"machine {total_gb:.1f} GB" if total_gb else "machine memory unknown"
-    if need is not None:
-        text += f"; the current recipe needs about {need:.1f} GB (rough estimate)"
+    if recipe and recipe.get("DEVICE_BATCH_SIZE") == "auto":
+        text += "; DEVICE_BATCH_SIZE auto: the run measures its step and fits the micro-batch to the budget below"
+    elif need is not None:
+        size = f"{need:.1f} GB" if need >= 1 else f"{need * 1024:.0f} MB"
+        text += f"; the current recipe needs about {size} (rough estimate)"
     status = "ok"
     if need is not None and total_gb and need > 0.75 * total_gb:
         status = "warn"
