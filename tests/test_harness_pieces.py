@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from mlx_ar.harness.clock import BudgetClock, median_seconds
+from mlx_ar.backends.timing import median_seconds
+from mlx_ar.harness.clock import BudgetClock
 from mlx_ar.backends.mlx.memory import GIB, apply_metal_limits, metal_memory_limits, recommended_working_set
 from mlx_ar.harness.memory import GcControl
 from mlx_ar.harness.progress import ProgressLine

@@ -390,17 +390,16 @@ class CudaBackend:
         Used by `mlx-ar bench` to report the optimizer's share of a step; it updates the
         weights, so call it only on a model built for benchmarking.
         """
-        import time
+        from ..timing import median_seconds
 
         torch, opt = self.torch, self.optimizer
         for p in self.model.parameters():
             p.grad = (1e-3 * torch.randn(p.shape, device=p.device)).to(p.dtype)
-        times = []
-        for i in range(repeats + 2):       # the two untimed first calls compile and absorb pending work
-            t0 = time.perf_counter()
+
+        def update():
             opt.step()
             self.sync()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
+
+        seconds = median_seconds(update, repeats)  # the untimed first calls compile and absorb pending work
         opt.zero_grad()
-        return sorted(times)[len(times) // 2]
+        return seconds

@@ -230,9 +230,9 @@ class MLXBackend:
         Used by `mlx-ar bench` to report the optimizer's share of a step; it updates the
         weights, so call it only on a model built for benchmarking.
         """
-        import time
-
         from mlx.utils import tree_map
+
+        from ..timing import median_seconds
 
         mx, model, opt = self.mx, self.model, self.optimizer
         grads = tree_map(lambda p: (1e-3 * mx.random.normal(p.shape)).astype(p.dtype), model.trainable_parameters())
@@ -244,10 +244,4 @@ class MLXBackend:
             return opt.state["step"]
 
         update = mx.compile(update, inputs=state, outputs=state)
-        times = []
-        for i in range(repeats + 2):       # the two untimed first calls compile
-            t0 = time.perf_counter()
-            mx.eval(update(grads), state)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+        return median_seconds(lambda: mx.eval(update(grads), state), repeats)   # the untimed first calls compile
