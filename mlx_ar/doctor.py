@@ -13,11 +13,10 @@ something deserves attention) or `fail` (a run would fail); the last line is the
 Every probe of the machine is a field of `Probes`, so tests pass small fakes; the memory
 estimate is one of them (`need_gb(recipe, profile)`), to be swapped for a better one.
 """
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends.mlx.memory import default_max_memory_gb
+from .backends.mlx.memory import default_max_memory_gb, total_memory_bytes
 from .backends.mlx.power import battery_status
 
 
@@ -95,14 +94,6 @@ def probe_module(name: str) -> str | None:
     return getattr(mod, "__version__", "installed")
 
 
-def probe_memory_bytes() -> int | None:
-    """Physical memory of this machine (Linux and macOS both answer sysconf), or None."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def rough_need_gb(recipe: dict, profile) -> float | None:
     """A rough peak-memory estimate of a recipe: weights, gradients and optimizer state in
     float32, plus activations of one micro-batch (None when the recipe does not say enough).
@@ -131,7 +122,7 @@ class Probes:
     mlx: object = probe_mlx
     torch: object = probe_torch
     module: object = probe_module
-    memory_bytes: object = probe_memory_bytes
+    memory_bytes: object = total_memory_bytes       # physical memory, or None
     need_gb: object = rough_need_gb
     ceiling_gb: object = default_max_memory_gb      # the veto when campaign.toml sets none (mlx)
     battery: object = battery_status                # None off macOS
