@@ -185,19 +185,13 @@ class MLXBackend:
         grad = mx.compile(lambda x, y: self._loss_and_grad(self.model, x, y), inputs=state, outputs=state)
         x = mx.random.randint(0, self.model.cfg.vocab_size, (2, 1, seq_len), key=mx.random.key(0))
         mx.eval(x)
-        fixed = mx.get_active_memory()
+        base = fixed = mx.get_active_memory()
         if self._accumulate is None:     # the float32 gradient buffer of a step of several micro-batches
-            fixed += 4 * sum(v.size for v in self._flat_params())
-        base = mx.get_active_memory()
+            fixed += 4 * sum(v.size for v in _last_layers_first(self.model.trainable_parameters()))
         mx.reset_peak_memory()
         loss, grads = grad(x[0], x[1])
         mx.eval(loss, _last_layers_first(grads))   # in the order the step evaluates them
         return int(fixed), int(mx.get_peak_memory() - base)
-
-    def _flat_params(self):
-        from mlx.utils import tree_flatten
-
-        return [v for _, v in tree_flatten(self.model.trainable_parameters())]
 
     def loss_value(self, handle) -> float:
         return handle.item()
