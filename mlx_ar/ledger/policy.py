@@ -141,10 +141,9 @@ def first_code_change(old, new, filename: str) -> int | None:
 
 def changed_constants(old, new, filename: str = "train.py") -> set[str]:
     """Recipe constants whose value differs (added or removed ones included)."""
-    from ..recipe import parse_recipe, same_value
+    from ..recipe import parse_recipe, recipe_diff
 
-    a, b = parse_recipe(_text(old), filename), parse_recipe(_text(new), filename)
-    return {k for k in set(a) | set(b) if k not in a or k not in b or not same_value(a[k], b[k])}
+    return set(recipe_diff(parse_recipe(_text(old), filename), parse_recipe(_text(new), filename)))
 
 
 def config_tier_problems(old: dict, new: dict, new_constants: bool = False) -> list[str]:
