@@ -21,6 +21,7 @@ import re
 
 from .git_ops import surface_sha
 from .format import NOISE_FILE, RECEIPTS_DIR, RESULTS_FILE
+from .gate import mean
 from .ledger import find_scored
 
 # What the agent may edit on each backend (campaign.toml's `mutable` may say otherwise).
@@ -362,11 +363,11 @@ def heldout_veto(candidate, champion, floor: float | None, sigmas: float = HELDO
     champ = [float(v) for v in champion if isinstance(v, (int, float)) and math.isfinite(v)]
     if not cand or not champ or not floor or floor <= 0:
         return None
-    worse = sum(cand) / len(cand) - sum(champ) / len(champ)
+    before, after = mean(champ), mean(cand)
+    worse = after - before
     limit = sigmas * floor * math.sqrt(1 / len(cand) + 1 / len(champ))
     if worse <= limit:
         return None
-    return (f"veto: held-out bpb worsens by {worse:.6f} ({sum(champ) / len(champ):.6f} -> "
-            f"{sum(cand) / len(cand):.6f}), beyond {sigmas:g} standard errors at noise floor sd {floor:.6f} "
-            f"({limit:.6f}), while val_bpb improves: the gain does not carry to unseen data")
+    return (f"veto: held-out bpb worsens by {worse:.6f} ({before:.6f} -> {after:.6f}), beyond {sigmas:g} "
+            f"standard errors at noise floor sd {floor:.6f} ({limit:.6f}), while val_bpb improves: the gain does not carry to unseen data")
 
