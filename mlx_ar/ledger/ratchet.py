@@ -1,6 +1,7 @@
 """The ratchet: which commit a candidate is, and the git moves that keep it or restore the champion.
 
-    base, cand, created, folded = candidate(ctx, campaign, draft, worktree, scored_commits)
+    parent = hand_commit_base(ctx, campaign, receipts, head)   # HEAD's parent when HEAD is a hand commit
+    created = candidate(ctx, campaign, draft, worktree, folded=parent is not None)
     final = keep(ctx, draft, created)              # the branch advances to the candidate
     restore(ctx, campaign, draft, champion)        # train.py back to the champion's
 
