@@ -110,16 +110,34 @@ class StepProgress:
                    + ("done" if done else f"ETA {left:.0f} s"), done)
 
 
+def _profile_overrides(profile, overrides) -> dict:
+    """A reduced profile shrinks the recipe as it does for training; explicit --set wins."""
+    return {**dict(profile.recipe_overrides), **(overrides or {})}
+
+
+def _built_backend(backend_name, train_file, overrides: dict, profile, seed: int):
+    """(backend built for train_file's recipe with `overrides` at `profile`'s contract, that recipe)."""
+    from pathlib import Path
+
+    from .backends import get_backend
+    from .recipe import apply_recipe, parse_recipe
+
+    source = Path(train_file).read_text()
+    recipe = parse_recipe(apply_recipe(source, overrides) if overrides else source)
+    backend = get_backend(backend_name, train_file, overrides)
+    backend.configure_memory()
+    backend.build(recipe, profile.vocab_size, profile.max_seq_len, seed)
+    return backend, recipe
+
+
 def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup, echo=print, seed=0, dataset=None,
                     progress=None):
     """Time `steps` training steps after `warmup` untimed ones, through the harness's own loop and
     clock (steps queued as in training, schedules applied), then the optimizer alone."""
     import itertools
-    from pathlib import Path
 
     import numpy as np
 
-    from .backends import get_backend
     from .harness.clock import BudgetClock
     from .harness.hardware import mfu_percent
     from .harness.loop import train_loop
@@ -127,16 +145,11 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
     from .harness.memory import MIB, fit_micro_batch
     from .harness.schedules import Schedule
     from .harness.summary import kernel_line
-    from .recipe import apply_recipe, batch_geometry, parse_recipe
+    from .recipe import batch_geometry
 
-    # A reduced profile shrinks the recipe as it does for training; explicit --set wins.
-    overrides = {**dict(profile.recipe_overrides), **(overrides or {})}
-    source = Path(train_file).read_text()
-    recipe = parse_recipe(apply_recipe(source, overrides) if overrides else source)
-    backend = get_backend(backend_name, train_file, overrides)
-    backend.configure_memory()
+    overrides = _profile_overrides(profile, overrides)
+    backend, recipe = _built_backend(backend_name, train_file, overrides, profile, seed)
     T, V = profile.max_seq_len, profile.vocab_size
-    backend.build(recipe, V, T, seed)
     plan = fit_micro_batch(backend, recipe, T)       # "auto" resolved, an explicit batch checked
     rows, n_micro, device_rows = batch_geometry({**recipe, "DEVICE_BATCH_SIZE": plan.device_rows}, T)
     backend.configure_memory()                       # the peak counter starts again at the steps
@@ -207,20 +220,13 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
 def bench_memory(train_file, overrides, profile):
     """The micro-batch DEVICE_BATCH_SIZE picks on Macs of 8-128 GB, from this machine's measured step
     memory through the harness's own plan (Metal's budget as a Mac of that size reports it)."""
-    from pathlib import Path
-
-    from .backends import get_backend
     from .harness.memory import MIB, mac_plans
-    from .recipe import apply_recipe, batch_geometry, parse_overrides, parse_recipe
+    from .recipe import batch_geometry, parse_overrides
 
     with _user_errors():
         prof = constants.PROFILES[profile]
-        sets = {**dict(prof.recipe_overrides), **parse_overrides(overrides)}
-        source = Path(train_file).read_text()
-        recipe = parse_recipe(apply_recipe(source, sets) if sets else source)
-        backend = get_backend("mlx", train_file, sets)
-        backend.configure_memory()
-        backend.build(recipe, prof.vocab_size, prof.max_seq_len, 0)
+        backend, recipe = _built_backend("mlx", train_file, _profile_overrides(prof, parse_overrides(overrides)),
+                                         prof, 0)
         fixed, per_row = backend.step_memory(prof.max_seq_len)
         rows = batch_geometry({**recipe, "DEVICE_BATCH_SIZE": 1}, prof.max_seq_len)[0]
         requested = recipe.get("DEVICE_BATCH_SIZE")
