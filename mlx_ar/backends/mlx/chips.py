@@ -100,20 +100,21 @@ def detect_apple_chip(run=subprocess.run) -> tuple[str | None, int | None]:
 
     `run` has subprocess.run's signature; tests pass a fake that returns canned outputs.
     """
-    brand = _run_text(run, ["sysctl", "-n", "machdep.cpu.brand_string"])
+    brand = run_text(run, ["sysctl", "-n", "machdep.cpu.brand_string"])
     if not brand or parse_apple_chip(brand) is None or "apple" not in brand.lower():
         return None, None
     name = brand.strip()
     # ioreg answers in milliseconds; system_profiler is slow (~1 s) and only the fallback.
-    text = _run_text(run, ["ioreg", "-rc", "AGXAccelerator", "-d", "1"]) or ""
+    text = run_text(run, ["ioreg", "-rc", "AGXAccelerator", "-d", "1"]) or ""
     m = re.search(r'"gpu-core-count"\s*=\s*(\d+)', text)
     if not m:
-        text = _run_text(run, ["system_profiler", "SPDisplaysDataType"]) or ""
+        text = run_text(run, ["system_profiler", "SPDisplaysDataType"]) or ""
         m = re.search(r"Total Number of Cores:\s*(\d+)", text)
     return name, (int(m.group(1)) if m else None)
 
 
-def _run_text(run, cmd) -> str | None:
+def run_text(run, cmd) -> str | None:
+    """stdout of `cmd` run through `run` (subprocess.run's signature), or None if it fails."""
     try:
         proc = run(cmd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):

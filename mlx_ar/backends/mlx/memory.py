@@ -13,17 +13,15 @@ import os
 import subprocess
 import sys
 
+from .chips import run_text
+
 GIB = 1 << 30
 
 
 def total_memory_bytes(run=subprocess.run, platform: str = sys.platform, sysconf=os.sysconf) -> int | None:
     """Physical memory of the machine in bytes, or None where it cannot be read."""
     if platform == "darwin":
-        try:
-            proc = run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        text = proc.stdout.strip() if proc.returncode == 0 else ""
+        text = (run_text(run, ["sysctl", "-n", "hw.memsize"]) or "").strip()
         return int(text) if text.isdigit() else None
     try:
         return int(sysconf("SC_PAGE_SIZE")) * int(sysconf("SC_PHYS_PAGES"))

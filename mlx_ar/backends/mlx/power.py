@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 
+from .chips import run_text
+
 
 def keep_awake(pid: int | None = None, platform: str = sys.platform, which=shutil.which,
                popen=subprocess.Popen):
@@ -40,12 +42,9 @@ def battery_status(platform: str = sys.platform, run=subprocess.run) -> dict | N
     when it cannot be read. A Mac without a battery reports on_battery False and percent None."""
     if platform != "darwin":
         return None
-    try:
-        proc = run(["pmset", "-g", "batt"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    source = _SOURCE_RE.search(proc.stdout or "") if proc.returncode == 0 else None
+    text = run_text(run, ["pmset", "-g", "batt"]) or ""
+    source = _SOURCE_RE.search(text)
     if source is None:
         return None
-    percent = _PERCENT_RE.search(proc.stdout)
+    percent = _PERCENT_RE.search(text)
     return {"on_battery": source.group(1) == "Battery Power", "percent": int(percent.group(1)) if percent else None}
