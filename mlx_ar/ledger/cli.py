@@ -1,7 +1,7 @@
 """Click commands of the research loop: `mlx-ar run`, `noise`, `results`, `workers`.
 
-Everything heavy (GitPython, the loop) is imported inside the commands so `mlx-ar --help`
-stays instant. Settings come from campaign.toml (see mlx_ar.ledger.campaign); the options
+Everything heavier than click (the attempt, git, the ledger) is imported inside the commands so
+`mlx-ar --help` stays instant. Settings come from campaign.toml (see mlx_ar.ledger.campaign); the options
 here default to None and only override the file when given.
 
 Exit codes of `mlx-ar run`: 0 keep or discard, 1 crash, 2 refused, 130 interrupted (SIGINT,
