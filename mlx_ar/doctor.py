@@ -232,10 +232,11 @@ def _memory(r, p, recipe, profile, campaign):
         status = "warn"
         text += ": close to or above the machine's; lower DEVICE_BATCH_SIZE or the model size"
     ceiling = campaign.max_memory_gb if campaign else None
+    machine_ceiling = p.ceiling_gb() if ceiling is None and (campaign.backend if campaign else "mlx") == "mlx" else None
     if ceiling is not None:
         text += f"; veto above max_memory_gb {ceiling:g}"
-    elif (campaign.backend if campaign else "mlx") == "mlx" and p.ceiling_gb() is not None:
-        text += f"; veto above {p.ceiling_gb():g} GB (this machine's budget; max_memory_gb overrides it)"
+    elif machine_ceiling is not None:
+        text += f"; veto above {machine_ceiling:g} GB (this machine's budget; max_memory_gb overrides it)"
     r.add("memory", status, text)
     battery = p.battery()
     if battery is not None:
