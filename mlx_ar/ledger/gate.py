@@ -281,12 +281,17 @@ def gate_note(campaign, noise: dict | None) -> str | None:
         return (f"gate single at noise floor sd {sd:.6f}: keeps an unchanged recipe about {100 * rate:.0f}% of "
                 'the time; gate = "auto" or "significance" in campaign.toml holds that '
                 f"<= {100 * (1 - campaign.confidence):.0f}%")
+    return (f"gate significance at noise floor sd {sd:.6f}: keeps an unchanged recipe <= "
+            f"{100 * (1 - campaign.confidence):.0f}% of the time; {detection_text(campaign, noise, sd, n)}")
+
+
+def detection_text(campaign, noise: dict, sd: float, champion_runs: int) -> str:
+    """'detects a gain of ...': the significance gate's detectable gain at floor `sd` (the one stored
+    with the noise measurement, else simulated)."""
     gain = noise.get("detectable_gain")
     if gain is None:
-        gain, _runs = detectable_gain(GateSettings.from_campaign(campaign, "significance"), sd, n)
-    found = (f"detects a gain of {gain:.6f} ({gain / sd:.2g} sd) {100 * DETECT_POWER:.0f}% of the time"
-             if gain else "detects only gains above 4 sd")
-    return (f"gate significance at noise floor sd {sd:.6f}: keeps an unchanged recipe <= "
-            f"{100 * (1 - campaign.confidence):.0f}% of the time; {found}")
+        gain, _runs = detectable_gain(GateSettings.from_campaign(campaign, "significance"), sd, champion_runs)
+    return (f"detects a gain of {gain:.6f} ({gain / sd:.2g} sd) {100 * DETECT_POWER:.0f}% of the time"
+            if gain else "detects only gains above 4 sd")
 
 

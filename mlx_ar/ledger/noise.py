@@ -12,7 +12,7 @@ from .campaign import data_profile
 from .context import LoopError, open_context, shielded
 from .format import NOISE_SCHEMA
 from .attempt import Runs
-from .gate import DETECT_POWER, GateSettings, detectable_gain, false_keep_rate, floor_of, gate_kind, mean, std
+from .gate import GateSettings, detectable_gain, detection_text, false_keep_rate, floor_of, gate_kind, mean, std
 from .ledger import champion, noise_measurements, samples_of
 from .runner import run_child
 
@@ -110,13 +110,8 @@ def noise_summary(data: dict, campaign) -> list[str]:
     lines.append(f"gate single: keeps an unchanged recipe {100 * single:.0f}% of the time")
     sig = GateSettings.from_campaign(campaign, "significance")
     aa = false_keep_rate(sig, sd, n, trials=1000)
-    gain = data.get("detectable_gain")
-    if gain is None:
-        gain, _ = detectable_gain(sig, sd, n)
     lines.append(f"gate significance (confidence {campaign.confidence:g}): keeps an unchanged recipe "
-                 f"{100 * aa:.0f}% of the time; " + (f"detects a gain of {gain:.6f} ({gain / sd:.2g} sd) "
-                                                      f"{100 * DETECT_POWER:.0f}% of the time"
-                                                      if gain else "detects only gains above 4 sd"))
+                 f"{100 * aa:.0f}% of the time; {detection_text(campaign, data, sd, n)}")
     lines.append(f"this campaign decides with: {gate_kind(campaign, data)}"
                  + (" (gate = \"auto\")" if campaign.gate == "auto" else ""))
     return lines
