@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import DataError, DownloadError
+from .errors import DataError, DownloadError, OfflineError
 from .progress import Progress
 from .sources import climbmix_shard_name
 
@@ -91,7 +91,7 @@ def fetch_one(url: str, dest: Path, settings: DownloadSettings = DEFAULTS,
         except urllib.error.URLError as e:
             if isinstance(e.reason, socket.gaierror):
                 # No name resolution means no network: retrying only makes the user wait.
-                raise DownloadError(offline_message(url, e.reason)) from None
+                raise OfflineError(offline_message(url, e.reason)) from None
             last_error = f"{type(e).__name__}: {e.reason}"
         except (OSError, http.client.HTTPException, DataError) as e:
             # URLError and socket timeouts are OSErrors; IncompleteRead and RemoteDisconnected
@@ -130,7 +130,7 @@ def download_shards(indices, raw_dir, base_url: str, settings: DownloadSettings 
     log(f"downloading {len(todo)} shard(s) to {raw} ({len(paths) - len(todo)} already present)")
     bar = Progress(f"download 0/{len(todo)} shards", unit="B", stream=stream)
     done = 0
-    errors = []
+    errors, offline = [], []
     with ThreadPoolExecutor(max(1, min(settings.workers, len(todo)))) as pool:
         futures = {pool.submit(fetch_one, url, dest, settings, sleep, bar.update, log): url for url, dest in todo}
         for fut in as_completed(futures):
@@ -139,12 +139,13 @@ def download_shards(indices, raw_dir, base_url: str, settings: DownloadSettings 
                 done += 1
                 bar.label = f"download {done}/{len(todo)} shards"
                 bar.update(0)
+            except OfflineError as e:
+                offline.append(e)
             except DownloadError as e:
                 errors.append(str(e))
     bar.close()
-    offline = [e for e in errors if "name resolution failed" in e]
     if offline:
-        raise DownloadError(offline[0])
+        raise offline[0]
     if errors:
         raise DownloadError(f"{len(errors)} of {len(todo)} shard(s) failed; {errors[0]}")
     return paths

@@ -14,6 +14,10 @@ class DownloadError(DataError):
     """A shard could not be downloaded after all retries (no partial file is left behind)."""
 
 
+class OfflineError(DownloadError):
+    """A host's name does not resolve: the machine is offline, so nothing was retried."""
+
+
 def read_versioned_json(path, key: str, version, what: str, fix: str) -> dict:
     """The JSON object in `path` whose `key` equals `version`; DataError naming the file and `fix` otherwise."""
     try:
