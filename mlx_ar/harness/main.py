@@ -121,9 +121,9 @@ def run(train_file, argv=None, prog: str = "train.py") -> int:
         from .summary import FastFail
 
         # Our own errors explain themselves; anything else gets its traceback for debugging.
-        if not isinstance(e, (FastFail, DataError, LeakDetected, RecipeError, ValueError)):
-            traceback.print_exc()
         own = (FastFail, DataError, LeakDetected)
+        if not isinstance(e, (*own, RecipeError, ValueError)):
+            traceback.print_exc()
         fields["reason"] = str(e) if isinstance(e, own) else f"{type(e).__name__}: {e}"
         code = 1
     from .summary import build_record, fail_line, format_summary, utc_timestamp, write_record
