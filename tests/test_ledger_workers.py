@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from _ledger_fakes import edit, git, make_repo, receipts, rows, set_identity
-from mlx_ar.ledger.workers import WorkerError, setup_workers, worker_env, worker_meta
+from mlx_ar.ledger.context import WorkerError, worker_env, worker_meta
+from mlx_ar.ledger.workers import setup_workers
 
 CAMPAIGN = "time_budget = 1\neval_allowance = 5\nsuspect_cooldown = 0\n"
 

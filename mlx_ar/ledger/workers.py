@@ -27,7 +27,7 @@ from pathlib import Path
 from ..atomic import atomic_write
 from . import git_ops
 from .campaign import load_campaign
-from .context import META_FILE, WorkerError, open_context, worker_env, worker_meta  # noqa: F401 (re-exported)
+from .context import META_FILE, WorkerError, open_context, worker_meta
 from .ratchet import sync_to_champion
 
 
