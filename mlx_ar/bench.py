@@ -11,6 +11,7 @@ packed batches of a prepared dataset instead (real token statistics, loader incl
 """
 import json
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -55,12 +56,29 @@ def bench_train(backend, train_file, overrides, profile, steps, warmup, data, as
             from .data import open_dataset
 
             dataset = open_dataset(data)
-        figures = run_train_bench(backend, train_file, parse_overrides(overrides),
-                                  dataset.profile if dataset else constants.PROFILES[profile],
-                                  steps, warmup, echo=None if as_json else click.echo, dataset=dataset,
-                                  progress=StepProgress(_live_writer(sys.stderr)))
+        with _ctrl_c_stops_at_once():
+            figures = run_train_bench(backend, train_file, parse_overrides(overrides),
+                                      dataset.profile if dataset else constants.PROFILES[profile],
+                                      steps, warmup, echo=None if as_json else click.echo, dataset=dataset,
+                                      progress=StepProgress(_live_writer(sys.stderr)))
     if as_json:
         click.echo(json.dumps(figures))
+
+
+@contextmanager
+def _ctrl_c_stops_at_once():
+    """Ctrl-C ends the process at once: a bench keeps nothing worth saving, and one step of a large
+    recipe on a CPU runs for minutes inside MLX or torch, where Python's handler would wait for it."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _live_writer(stream):
@@ -74,24 +92,55 @@ def _live_writer(stream):
             stream.write(line + "\n")
         stream.flush()
     write.interval_s = 0.25 if tty else 5.0
+    # While one step runs (a first compile, or a CPU step of minutes) the line still moves.
+    write.tick_s = 1.0 if tty else 30.0
     return write
 
 
 class StepProgress:
     """The live line of a bench: which step, ms/step so far, and the time left (ETA).
 
-    Called with each StepInfo of the harness loop; `start(warmup, steps)` first. Compiling
-    steps have no ETA yet, so they show the elapsed time; a line is written at most every
-    `write.interval_s` seconds, and once more when the last step is done.
+    Called with each StepInfo of the harness loop; `start(warmup, steps)` first, `stop()` last.
+    Compiling steps have no ETA yet, so they show the elapsed time; a line is written at most
+    every `write.interval_s` seconds, and once more when the last step is done. With
+    `write.tick_s`, a thread calls `tick()` that often, so a step that runs for minutes still
+    moves the line: elapsed time counts up, the ETA counts down (MLX and torch release the GIL
+    while they compute).
     """
 
     def __init__(self, write, clock=time.monotonic):
         self.write, self.clock = write, clock
         self.interval = getattr(write, "interval_s", 1.0)
+        self.tick_s = getattr(write, "tick_s", None)
+        self._lock, self._stopped = threading.Lock(), threading.Event()
 
     def start(self, warmup: int, steps: int) -> None:
         self.warmup, self.steps, self.t0, self.last, self.times = warmup, steps, self.clock(), None, []
         self.write(f"compiling: warmup step 1 of {warmup} (the first steps are slow) ...")
+        self._show(lambda now: f"compiling: warmup step 1 of {warmup} | {now - self.t0:.0f} s elapsed", draw=False)
+        if self.tick_s:
+            threading.Thread(target=self._ticker, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _ticker(self):
+        while not self._stopped.wait(self.tick_s):
+            self.tick()
+
+    def tick(self) -> None:
+        """Redraw the current line as of now (nothing once the bench is done)."""
+        with self._lock:
+            now = self.clock()
+            if not self._stopped.is_set() and now - self._shown >= (self.tick_s or 0):
+                self._shown = now
+                self.write(self._render(now))
+
+    def _show(self, render, done: bool = False, draw: bool = True) -> None:
+        with self._lock:
+            self._render, self._shown = render, self.clock()
+            if draw:
+                self.write(render(self._shown), done)
 
     def __call__(self, info) -> None:
         if info.counted:
@@ -102,12 +151,17 @@ class StepProgress:
             return
         self.last = now
         if not self.times:
-            self.write(f"warmup step {info.step} of {self.warmup} | {now - self.t0:.0f} s elapsed (compiling)")
+            step = info.step
+            self._show(lambda t: f"warmup step {step} of {self.warmup} | {t - self.t0:.0f} s elapsed (compiling)")
             return
         per = sorted(self.times)[len(self.times) // 2]
-        left = (self.steps - len(self.times)) * per
-        self.write(f"step {len(self.times)} of {self.steps} | {per * 1e3:.1f} ms/step | "
-                   + ("done" if done else f"ETA {left:.0f} s"), done)
+        head = f"step {len(self.times)} of {self.steps} | {per * 1e3:.1f} ms/step | "
+        if done:
+            self.stop()
+            self._show(lambda t: head + "done", done=True)
+        else:
+            left = (self.steps - len(self.times)) * per
+            self._show(lambda t: head + f"ETA {max(0.0, left - (t - now)):.0f} s")
 
 
 def _profile_overrides(profile, overrides) -> dict:
@@ -172,8 +226,12 @@ def run_train_bench(backend_name, train_file, overrides, profile, steps, warmup,
             times.append(info.seconds)
         if progress is not None:
             progress(info)
-    result = train_loop(backend, batches, clock, Schedule.from_recipe(recipe), rows * T, on_step=on_step,
-                        max_steps=clock.warmup_steps + steps)
+    try:
+        result = train_loop(backend, batches, clock, Schedule.from_recipe(recipe), rows * T, on_step=on_step,
+                            max_steps=clock.warmup_steps + steps)
+    finally:
+        if progress is not None:
+            progress.stop()
     compile_s = result.warmup_seconds
     step_s = float(np.median(times))
     peak_mb = backend.peak_memory_mb()              # before time_optimizer's stand-in gradients

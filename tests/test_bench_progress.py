@@ -32,6 +32,36 @@ def test_progress_line_has_compile_time_then_eta():
     assert lines[-1] == ("step 4 of 4 | 500.0 ms/step | done", True)
 
 
+def test_a_long_step_still_moves_the_line():
+    lines, now = [], [0.0]
+
+    def write(line, done=False):
+        lines.append((line, done))
+    write.interval_s, write.tick_s = 1.0, 1.0
+    p = StepProgress(write, clock=lambda: now[0])
+    p.start(warmup=1, steps=2)
+    now[0] = 0.5
+    p.tick()                       # under tick_s since the last line: nothing new
+    assert len(lines) == 1
+    now[0] = 42.0                  # a first compile of minutes: elapsed time counts up
+    p.tick()
+    assert lines[-1] == ("compiling: warmup step 1 of 1 | 42 s elapsed", False)
+    now[0] = 50.0
+    p(_info(1, 50.0, False))
+    now[0] = 60.0
+    p(_info(2, 10.0, True))        # one timed step of 10 s: 10 s left
+    assert lines[-1] == ("step 1 of 2 | 10000.0 ms/step | ETA 10 s", False)
+    now[0] = 64.0                  # the ETA counts down while the next step runs
+    p.tick()
+    assert lines[-1] == ("step 1 of 2 | 10000.0 ms/step | ETA 6 s", False)
+    now[0] = 70.0
+    p(_info(3, 10.0, True))
+    assert lines[-1] == ("step 2 of 2 | 10000.0 ms/step | done", True)
+    now[0] = 80.0
+    p.tick()                       # done: the finished line stays
+    assert lines[-1] == ("step 2 of 2 | 10000.0 ms/step | done", True)
+
+
 def test_bench_train_writes_progress_while_it_runs():
     from mlx_ar.bench import run_train_bench
     from mlx_ar.constants import DEMO
