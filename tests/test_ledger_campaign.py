@@ -79,3 +79,13 @@ def test_the_memory_ceiling_follows_the_machine_unless_set():
     assert Campaign(max_memory_gb=14).for_machine(10.7).max_memory_gb == 14
     assert Campaign(backend="cuda").for_machine(10.7).max_memory_gb is None
     assert Campaign().for_machine(None).max_memory_gb is None
+
+
+def test_commands_that_train_take_the_machine_ceiling_and_others_do_not(tmp_path):
+    from mlx_ar.backends.mlx.memory import default_max_memory_gb
+    from mlx_ar.ledger.cli import _campaign, _training_campaign
+
+    assert _training_campaign(tmp_path, None).max_memory_gb == default_max_memory_gb()
+    assert _campaign(tmp_path, None).max_memory_gb is None
+    (tmp_path / "campaign.toml").write_text("max_memory_gb = 3\n")
+    assert _training_campaign(tmp_path, None).max_memory_gb == 3

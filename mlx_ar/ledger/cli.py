@@ -14,14 +14,20 @@ import click
 
 
 def _campaign(root, path, **overrides):
-    """The campaign's settings, with the memory ceiling following this machine unless set."""
-    from ..backends.mlx.memory import default_max_memory_gb
     from .campaign import CampaignError, load_campaign
 
     try:
-        campaign = load_campaign(root, path, overrides)
+        return load_campaign(root, path, overrides)
     except CampaignError as e:
         raise click.ClickException(str(e)) from None
+
+
+def _training_campaign(root, path, **overrides):
+    """The settings of commands that train: the memory ceiling follows this machine unless set
+    (asked only here, since on a Mac it queries Metal)."""
+    from ..backends.mlx.memory import default_max_memory_gb
+
+    campaign = _campaign(root, path, **overrides)
     return campaign.for_machine(default_max_memory_gb() if campaign.backend == "mlx" else None)
 
 
@@ -97,7 +103,7 @@ def run_command(message, campaign_path, seed, gate, verbose):
     from .runner import run_child
 
     root = Path.cwd()
-    campaign = _campaign(root, campaign_path, gate=gate)
+    campaign = _training_campaign(root, campaign_path, gate=gate)
     _stop_signals_interrupt()
     _keep_awake()
 
@@ -170,7 +176,7 @@ def noise_command(runs, campaign_path):
     from .noise import measure_noise, noise_summary
 
     root = Path.cwd()
-    campaign = _campaign(root, campaign_path)
+    campaign = _training_campaign(root, campaign_path)
     _stop_signals_interrupt()
     _keep_awake()
     try:
